@@ -1,0 +1,106 @@
+"""Typed training configs and their command-line flags.
+
+Every field becomes a ``--flag`` whose default is None, so that we can tell a value the user
+typed from one they left alone. That is what lets ``--resume`` refuse a conflicting value
+instead of silently overwriting it (see ``merge_for_resume``).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass, fields
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+@dataclass
+class VQVAETrainConfig:
+    data: str = "photos"  # "photos" (built in) or an image folder
+    image_size: int = 64
+    batch_size: int = 64
+    steps: int = 5000
+    lr: float = 1e-3
+    warmup: int = 100
+    seed: int = 0
+    val_fraction: float = 0.1  # image folders only: share of files held out, chosen by file hash
+    levels: int = 2
+    channels: int = 128
+    res_blocks: int = 2
+    res_channels: int = 32
+    codes: int = 512
+    embed_dim: int = 64
+    log_every: int = 10
+    eval_every: int = 500
+    ckpt_every: int = 250
+
+    def model_config(self):
+        from models import QuantizerConfig, VQVAEConfig
+
+        quant = QuantizerConfig(num_codes=self.codes, dim=self.embed_dim)
+        return VQVAEConfig(levels=self.levels, channels=self.channels, res_blocks=self.res_blocks,
+                           res_channels=self.res_channels, top=quant, bottom=QuantizerConfig(**asdict(quant)))
+
+
+@dataclass
+class PriorTrainConfig:
+    vqvae: str = ""  # VQ-VAE run directory or checkpoint (required)
+    level: str = "top"  # "top" or "bottom" (the bottom prior is conditioned on the top codes)
+    data: str = "photos"
+    image_size: int = 64
+    batch_size: int = 64
+    steps: int = 3000
+    lr: float = 1e-3
+    warmup: int = 100
+    seed: int = 0
+    val_fraction: float = 0.1
+    channels: int = 64
+    layers: int = 8
+    kernel: int = 5
+    head_channels: int = 256
+    log_every: int = 10
+    eval_every: int = 500
+    ckpt_every: int = 250
+
+    def model_config(self, num_codes: int, cond_codes: int):
+        from models import PixelCNNConfig
+
+        return PixelCNNConfig(num_codes=num_codes, channels=self.channels, layers=self.layers,
+                              kernel=self.kernel, head_channels=self.head_channels,
+                              cond_codes=cond_codes if self.level == "bottom" else 0)
+
+
+# Fields that may change when resuming: they steer the run, not what is being trained.
+RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "ckpt_every"}
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+        parser.add_argument(flag, dest=f"cfg_{f.name}", type=kind, default=None,
+                            help=f"(default: {f.default!r})")
+
+
+def explicit_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Config values the user typed on the command line."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+
+
+def config_from_args(cls: type[C], args: argparse.Namespace) -> C:
+    return cls(**explicit_args(args))
+
+
+def merge_for_resume(cls: type[C], saved: dict[str, Any], given: dict[str, Any]) -> C:
+    """The checkpoint's config, with only the resumable fields the user changed.
+
+    Raises ValueError naming every field where the command line contradicts the checkpoint.
+    """
+    conflicts = {k: (saved.get(k), v) for k, v in given.items()
+                 if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+    if conflicts:
+        lines = ", ".join(f"--{k.replace('_', '-')}={new!r} (checkpoint has {old!r})"
+                          for k, (old, new) in conflicts.items())
+        raise ValueError(f"refusing to resume: {lines}; start a new run to change these")
+    merged = dict(saved)
+    merged.update({k: v for k, v in given.items() if k in RESUMABLE_CHANGES})
+    return cls(**merged)
