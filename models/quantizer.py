@@ -21,7 +21,7 @@ class QuantizerConfig:
     decay: float = 0.99  # EMA decay of cluster sizes and sums
     eps: float = 1e-5  # Laplace smoothing of cluster sizes
     # A code whose EMA cluster size falls below this is restarted from a current encoder output.
-    dead_threshold: float = 0.03
+    dead_threshold: float = 0.25
 
 
 class VectorQuantizerEMA(nn.Module):

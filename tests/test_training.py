@@ -1,0 +1,121 @@
+"""A tiny end-to-end run on a temp image folder: train, resume, prior, evaluate, export."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import random_images
+from training.cli import main as cli
+from training.data import FolderSource, is_heldout
+from training.loop import read_metrics
+
+TINY_MODEL = ["--image-size", "32", "--batch-size", "8", "--channels", "16", "--res-channels", "8",
+              "--res-blocks", "1", "--codes", "32", "--embed-dim", "8", "--log-every", "1"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    (root / "nested").mkdir()
+    for i, img in enumerate(random_images(24, size=48, seed=1)):
+        suffix = [".png", ".jpg", ".webp"][i % 3]
+        Image.fromarray(img).save(root / ("nested" if i % 2 else ".") / f"img{i}{suffix}")
+    (root / "garbage.png").write_bytes(b"this is not an image")
+    (root / "empty.jpg").write_bytes(b"")
+    png = (root / "img0.png").read_bytes()
+    (root / "truncated.png").write_bytes(png[: len(png) // 3])
+    (root / "notes.txt").write_text("ignored: not an image suffix")
+    return root
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run) if r["split"] == "train"]
+
+
+def test_folder_source_skips_corrupt_files(image_folder):
+    src = FolderSource.build(image_folder, 32, val_fraction=0.2)
+    assert len(src.train_files) + len(src.heldout_files) == 27
+    bad_in_train = {p for p in src.train_files if p.name in {"garbage.png", "empty.jpg", "truncated.png"}}
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        batch = src.sample_batch(rng, 8)
+        assert batch.shape == (8, 32, 32, 3) and batch.dtype == np.uint8
+    assert src.skipped == len(bad_in_train) and src.bad == bad_in_train
+    held = src.heldout()
+    assert held.shape[1:] == (32, 32, 3)
+    # The split is by file and deterministic: no file is on both sides.
+    assert not set(src.train_files) & set(src.heldout_files)
+    assert all(is_heldout(str(p.relative_to(image_folder)), 0.2) for p in src.heldout_files)
+
+
+def test_train_resume_prior_evaluate_export(image_folder, tmp_path):
+    data = ["--data", str(image_folder), "--val-fraction", "0.2"]
+    full = tmp_path / "full"
+    assert cli(["train-vqvae", "--run", str(full), "--steps", "40", "--eval-every", "20", *data, *TINY_MODEL]) == 0
+    curve = losses(full)
+    assert len(curve) == 40
+    assert np.mean(curve[-5:]) < np.mean(curve[:5]), "loss did not decrease"
+
+    # Interrupt a second run at step 20 (right after its checkpoint), then resume it: the next
+    # losses must be exactly those of the uninterrupted run.
+    interrupted = tmp_path / "interrupted"
+    import training.loop as loop
+
+    original_save = loop.Run.save
+    fired = []
+
+    def save_then_stop(self):
+        path = original_save(self)
+        if self.step == 20 and not fired:
+            fired.append(True)
+            raise KeyboardInterrupt  # as Ctrl-C would, right after the step-20 checkpoint
+        return path
+
+    loop.Run.save = save_then_stop
+    try:
+        with pytest.raises(SystemExit):
+            cli(["train-vqvae", "--run", str(interrupted), "--steps", "40", "--ckpt-every", "10",
+                 "--eval-every", "20", *data, *TINY_MODEL])
+    finally:
+        loop.Run.save = original_save
+    assert len(losses(interrupted)) == 20
+    assert cli(["train-vqvae", "--run", str(interrupted), "--resume"]) == 0
+    assert losses(interrupted) == curve, "resumed run diverged from the uninterrupted one"
+
+    # A conflicting setting is refused rather than silently applied.
+    with pytest.raises(ValueError, match="--lr"):
+        cli(["train-vqvae", "--run", str(full), "--resume", "--lr", "0.5"])
+    with pytest.raises(FileExistsError):
+        cli(["train-vqvae", "--run", str(full), *data])
+
+    prior_args = ["--vqvae", str(full), *data, "--image-size", "32", "--batch-size", "8", "--steps", "6",
+                  "--channels", "8", "--layers", "2", "--kernel", "3", "--head-channels", "16",
+                  "--log-every", "1", "--eval-every", "3"]
+    top, bottom = tmp_path / "prior_top", tmp_path / "prior_bottom"
+    assert cli(["train-prior", "--run", str(top), "--level", "top", *prior_args]) == 0
+    assert cli(["train-prior", "--run", str(bottom), "--level", "bottom", *prior_args]) == 0
+    for run in (full, top, bottom):
+        assert (run / "loss_curves.png").is_file()
+    assert (top / "samples.png").is_file() and (bottom / "samples.png").is_file()
+    assert any(full.glob("reconstructions_*.png")) and (full / "codebook_usage.png").is_file()
+
+    ev = tmp_path / "eval"
+    assert cli(["evaluate", "--vqvae", str(full), "--prior-top", str(top), "--prior-bottom", str(bottom),
+                "--out", str(ev)]) == 0
+    report = json.loads((ev / "eval.json").read_text())
+    for name in ("top", "bottom"):
+        lv = report["levels"][name]
+        assert lv["mutual_information_bits"] + lv["kl_qagg_uniform_bits"] == pytest.approx(5.0)
+        assert 0 < lv["prior_bits_per_code"] < 20
+    assert report["reconstruction"]["psnr"] > 5
+    assert "PSNR" in (ev / "eval.md").read_text()
+
+    bundle = tmp_path / "bundle"
+    assert cli(["export", "--vqvae", str(full), "--prior-top", str(top), "--prior-bottom", str(bottom),
+                "--out", str(bundle), "--eval", str(ev / "eval.json")]) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["parity"]["code_agreement_bottom"] >= 0.995
+    assert manifest["metrics"]["reconstruction"]["psnr"] == report["reconstruction"]["psnr"]
+    assert [lv["stride"] for lv in manifest["levels"]] == [8, 4]

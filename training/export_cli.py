@@ -1,0 +1,25 @@
+"""``vqtok export``: trained checkpoints -> bundle directory, checked against PyTorch."""
+from __future__ import annotations
+
+import json
+
+from training.data import make_source
+from training.evaluate import training_summary
+from training.export import export_bundle
+from training.loop import load_checkpoint
+from training.train_prior import load_prior, load_vqvae
+
+
+def main(args) -> int:
+    vqvae = load_vqvae(args.vqvae)
+    cfg = load_checkpoint(args.vqvae)["config"]
+    # Parity is checked on held-out images: the same distribution the bundle will be served on.
+    check = make_source(cfg["data"], cfg["image_size"], cfg["val_fraction"]).heldout(32)
+    metrics = json.loads(args.eval.read_text()) if args.eval else {}
+    training = {"vqvae": training_summary(args.vqvae), "prior_top": training_summary(args.prior_top),
+                "prior_bottom": training_summary(args.prior_bottom)}
+    manifest = export_bundle(vqvae, load_prior(args.prior_top), load_prior(args.prior_bottom), args.out,
+                             cfg["image_size"], check, name=args.name, metrics=metrics, training=training)
+    print(json.dumps(manifest["parity"], indent=2))
+    print(f"bundle written to {args.out}")
+    return 0

@@ -1,0 +1,65 @@
+"""PNG figures for a run: image grids, loss curves and codebook usage."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: training runs on servers
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def image_grid(images: np.ndarray, columns: int = 8, pad: int = 2) -> np.ndarray:
+    """Tile uint8 images [N, H, W, 3] into one uint8 image with white gutters."""
+    n, h, w, _ = images.shape
+    rows = -(-n // columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
+    return grid
+
+
+def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
+    Image.fromarray(image_grid(images, columns)).save(path)
+
+
+def save_reconstructions(originals: np.ndarray, recons: np.ndarray, path: Path, n: int = 16) -> None:
+    """Originals on odd rows, reconstructions below them."""
+    n = min(n, len(originals))
+    cols = 8
+    rows = []
+    for i in range(0, n, cols):
+        rows += [originals[i:i + cols], recons[i:i + cols]]
+    save_grid(np.concatenate(rows), path, columns=cols)
+
+
+def save_curves(records: list[dict], keys: list[str], path: Path, title: str) -> None:
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
+    for ax, key in zip(np.atleast_1d(axes), keys):
+        for split, style in (("train", "-"), ("heldout", "o-")):
+            pts = [(r["step"], r[key]) for r in records if r.get("split") == split and key in r]
+            if pts:
+                ax.plot(*zip(*pts), style, label=split, markersize=3)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_usage(counts: dict[str, np.ndarray], path: Path) -> None:
+    """Sorted code-usage histogram per level (log scale), to spot dead or dominant codes."""
+    fig, axes = plt.subplots(1, len(counts), figsize=(5 * len(counts), 3))
+    for ax, (name, c) in zip(np.atleast_1d(axes), counts.items()):
+        ax.bar(np.arange(len(c)), np.sort(c)[::-1] + 1e-1, width=1.0)
+        ax.set_yscale("log")
+        ax.set_title(f"{name}: {(c > 0).mean():.1%} of {len(c)} codes used")
+        ax.set_xlabel("code (sorted by use)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,139 @@
+"""``vqtok train-prior --level top|bottom``: a gated PixelCNN over the frozen VQ-VAE's codes.
+
+Crops are encoded on the fly, so the prior sees as many distinct code grids as the data
+offers rather than a fixed pre-encoded set. The bottom prior is conditioned on the top codes.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models import VQVAE2, GatedPixelCNN, VQVAEConfig
+from training import plots
+from training.config import PriorTrainConfig
+from training.data import make_source
+from training.export import to_model_input, to_uint8_images
+from training.loop import Run, load_checkpoint, read_metrics, resolve_config, train, warmup_cosine
+from training.metrics import prior_nll_bits
+
+
+def load_vqvae(path) -> VQVAE2:
+    ckpt = load_checkpoint(path)
+    if ckpt["kind"] != "vqvae":
+        raise ValueError(f"{path} is a {ckpt['kind']} checkpoint, not a VQ-VAE")
+    model = VQVAE2(VQVAEConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval().requires_grad_(False)
+
+
+def load_prior(path) -> GatedPixelCNN:
+    from models import PixelCNNConfig
+
+    ckpt = load_checkpoint(path)
+    if ckpt["kind"] != "prior":
+        raise ValueError(f"{path} is a {ckpt['kind']} checkpoint, not a prior")
+    model = GatedPixelCNN(PixelCNNConfig(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+@torch.no_grad()
+def encode_codes(vqvae: VQVAE2, images: np.ndarray) -> dict[str, torch.Tensor]:
+    levels = vqvae.encode(to_model_input(torch.from_numpy(np.ascontiguousarray(images))), training=False)
+    return {name: lv["codes"] for name, lv in levels.items()}
+
+
+def split_codes(codes: dict[str, torch.Tensor], level: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(target grid, conditioning grid) for a prior of the given level."""
+    return codes[level], (codes["top"] if level == "bottom" else None)
+
+
+@torch.no_grad()
+def sample_codes(prior: GatedPixelCNN, n: int, h: int, w: int, cond: torch.Tensor | None,
+                 generator: torch.Generator) -> torch.Tensor:
+    """Plain ancestral sampling, one full forward pass per position (for run previews only)."""
+    prior.eval()
+    codes = torch.zeros(n, h, w, dtype=torch.long)
+    for i in range(h):
+        for j in range(w):
+            probs = F.softmax(prior(codes, cond)[:, :, i, j], dim=1)
+            codes[:, i, j] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return codes
+
+
+def main(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    cfg, ckpt = resolve_config(PriorTrainConfig, args)
+    if cfg.level not in ("top", "bottom"):
+        raise SystemExit("--level must be top or bottom")
+    if not cfg.vqvae:
+        raise SystemExit("--vqvae (the VQ-VAE run directory) is required")
+    vqvae = load_vqvae(cfg.vqvae)
+    if cfg.level not in vqvae.config.level_names:
+        raise SystemExit(f"this VQ-VAE has no {cfg.level} level")
+    if cfg.level == "top":
+        num_codes, cond_codes = vqvae.config.top.num_codes, 0
+    else:
+        num_codes, cond_codes = vqvae.config.bottom.num_codes, (vqvae.config.top.num_codes
+                                                                if vqvae.config.levels == 2 else 0)
+    torch.manual_seed(cfg.seed)
+    model = GatedPixelCNN(cfg.model_config(num_codes, cond_codes))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps))
+    run = Run("prior", args.run, cfg, model, optimizer, scheduler, np.random.default_rng(cfg.seed),
+              extra={"level": cfg.level})
+    if ckpt is not None:
+        run.restore(ckpt)
+    source = make_source(cfg.data, cfg.image_size, cfg.val_fraction)
+    held_target, held_cond = split_codes(encode_codes(vqvae, source.heldout()), cfg.level)
+    log2k = math.log2(num_codes)
+    args.run.mkdir(parents=True, exist_ok=True)
+
+    def step() -> dict[str, float]:
+        model.train()
+        target, cond = split_codes(encode_codes(vqvae, source.sample_batch(run.rng, cfg.batch_size)), cfg.level)
+        loss = F.cross_entropy(model(target, cond), target)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        run.scheduler.step()
+        bits = float(loss.detach()) / math.log(2)
+        return {"loss": float(loss.detach()), "bits_per_code": bits, "log2_K": log2k}
+
+    def evaluate() -> dict[str, float]:
+        return {"bits_per_code": prior_nll_bits(model, held_target, held_cond), "log2_K": log2k}
+
+    train(run, step, evaluate, lambda m: {"bits/code": f"{m['bits_per_code']:.3f}"})
+    plots.save_curves(read_metrics(args.run), ["bits_per_code"], args.run / "loss_curves.png",
+                      f"{cfg.level} prior (log2 K = {log2k:.0f})")
+    preview(model, vqvae, cfg.level, held_target, held_cond, args.run)
+    final = [r for r in read_metrics(args.run) if r.get("split") == "heldout"][-1]
+    print(f"done: step {run.step}, held-out {final['bits_per_code']:.3f} bits/code (log2 K = {log2k:.0f})")
+    return 0
+
+
+def preview(prior: GatedPixelCNN, vqvae: VQVAE2, level: str, held_target: torch.Tensor,
+            held_cond: torch.Tensor | None, run_dir) -> None:
+    """samples.png: first row held-out, second row sampled.
+
+    Bottom prior: images decoded from held-out top codes with their real vs sampled bottom codes.
+    Top prior: no image exists without bottom codes, so both rows are false-colour code maps.
+    """
+    generator = torch.Generator().manual_seed(0)
+    n = min(8, len(held_target))
+    h, w = held_target.shape[1:]
+    cond = held_cond[:n] if held_cond is not None else None
+    codes = sample_codes(prior, n, h, w, cond, generator)
+    if level == "bottom":
+        real = to_uint8_images(vqvae.decode_codes(held_target[:n], cond))
+        grid = torch.cat([real, to_uint8_images(vqvae.decode_codes(codes, cond))]).numpy()
+    else:
+        palette = np.random.default_rng(0).integers(0, 256, (prior.config.num_codes, 3), dtype=np.uint8)
+        maps = np.concatenate([palette[held_target[:n].numpy()], palette[codes.numpy()]])
+        grid = np.repeat(np.repeat(maps, 8, axis=1), 8, axis=2)
+    plots.save_grid(grid, run_dir / "samples.png", columns=n)
+
