@@ -99,9 +99,8 @@ def save_samples(vqvae_path: Path, top_path: Path, bottom_path: Path, path: Path
     """Fresh images: top codes from the top prior, then bottom codes conditioned on them."""
     vqvae, prior_top, prior_bottom = load_vqvae(vqvae_path), load_prior(top_path), load_prior(bottom_path)
     size = load_checkpoint(vqvae_path)["config"]["image_size"]
-    g = torch.Generator().manual_seed(0)
     strides = vqvae.config.strides
-    top = sample_codes(prior_top, n, size // strides["top"], size // strides["top"], None, g)
-    bottom = sample_codes(prior_bottom, n, size // strides["bottom"], size // strides["bottom"], top, g)
+    top = sample_codes(prior_top, n, size // strides["top"], size // strides["top"], None, seed=0)
+    bottom = sample_codes(prior_bottom, n, size // strides["bottom"], size // strides["bottom"], top, seed=1)
     plots.save_grid(to_uint8_images(vqvae.decode_codes(bottom, top)).numpy(), path)
 

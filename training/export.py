@@ -127,7 +127,11 @@ def export_bundle(vqvae: VQVAE2, prior_top: GatedPixelCNN | None, prior_bottom: 
                     ["bottom", "top"], ["logits"],
                     {**_grid_axes(["bottom", "top"]), "logits": {0: "batch", 2: "h", 3: "w"}})
 
+    # Fast cached sampling (issue 4): per-prior step graphs + their cache shapes, see training/fast_sampling.py.
+    sampling = export_sampling_graphs(prior_top, prior_bottom, out, files, named)
+
     parity = check_parity(vqvae, prior_top, prior_bottom, files, check_images, tolerances)
+    parity.update(check_sampling_parity(prior_top, prior_bottom, files, sampling, named, tolerances))
     quant = {"top": vqvae.config.top, "bottom": vqvae.config.bottom}
     strides = vqvae.config.strides
     manifest = {
@@ -140,6 +144,7 @@ def export_bundle(vqvae: VQVAE2, prior_top: GatedPixelCNN | None, prior_bottom: 
         "onnx": {"opset": OPSET, "producer": f"pytorch {torch.__version__}",
                  "onnx": onnx.__version__, "checked_with_onnxruntime": ort.__version__},
         "parity": parity,
+        **({"sampling": sampling} if sampling else {}),
         "metrics": metrics or {},
         "training": training or {},
     }
@@ -180,4 +185,41 @@ def check_parity(vqvae: VQVAE2, prior_top: GatedPixelCNN | None, prior_bottom: G
         if report[f"{graph}_max_logit_diff"] > tol.logits:
             raise ParityError(f"{graph}: logits differ by {report[f'{graph}_max_logit_diff']:.2e} "
                               f"(tolerance {tol.logits:.0e})")
+    return report
+
+
+# --- fast cached sampling (issue 4): step graphs and their teacher-forcing parity -----------------
+def export_sampling_graphs(prior_top: GatedPixelCNN | None, prior_bottom: GatedPixelCNN | None, out: Path,
+                           files: dict[str, Path], named: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Write each prior's row/pixel(/cond) step graphs into ``out``, add them to ``files`` and
+    return the manifest's ``sampling`` entry ({level: graph names and cache shapes})."""
+    from training.fast_sampling import export_step_graphs
+
+    sampling: dict[str, Any] = {}
+    for level, prior in (("top", prior_top), ("bottom", prior_bottom)):
+        if prior is not None:
+            grid = tuple(named[level].shape[1:])
+            cond_grid = tuple(named["top"].shape[1:]) if "top" in named else None
+            step_files, sampling[level] = export_step_graphs(prior, out, f"prior_{level}", grid, cond_grid)
+            files.update(step_files)
+    return sampling
+
+
+def check_sampling_parity(prior_top: GatedPixelCNN | None, prior_bottom: GatedPixelCNN | None,
+                          files: dict[str, Path], sampling: dict[str, Any], named: dict[str, torch.Tensor],
+                          tol: Tolerances) -> dict[str, float]:
+    """Teacher forcing: the step graphs' logits at every position of the check codes must match the
+    full PyTorch forward pass within ``tol.logits``."""
+    from training.fast_sampling import check_step_parity
+
+    priors = {}
+    for level, prior in (("top", prior_top), ("bottom", prior_bottom)):
+        if prior is not None:
+            cond = named["top"].numpy() if sampling[level].get("cond") else None
+            priors[level] = (prior, named[level].numpy(), cond)
+    report = check_step_parity(priors, files, sampling)
+    for key, diff in report.items():
+        if diff > tol.logits:
+            raise ParityError(f"{key.removesuffix('_max_logit_diff')} graphs: teacher-forced logits differ "
+                              f"from the full forward pass by {diff:.2e} (tolerance {tol.logits:.0e})")
     return report

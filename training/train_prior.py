@@ -52,17 +52,15 @@ def split_codes(codes: dict[str, torch.Tensor], level: str) -> tuple[torch.Tenso
     return codes[level], (codes["top"] if level == "bottom" else None)
 
 
-@torch.no_grad()
 def sample_codes(prior: GatedPixelCNN, n: int, h: int, w: int, cond: torch.Tensor | None,
-                 generator: torch.Generator) -> torch.Tensor:
-    """Plain ancestral sampling, one full forward pass per position (for run previews only)."""
-    prior.eval()
-    codes = torch.zeros(n, h, w, dtype=torch.long)
-    for i in range(h):
-        for j in range(w):
-            probs = F.softmax(prior(codes, cond)[:, :, i, j], dim=1)
-            codes[:, i, j] = torch.multinomial(probs, 1, generator=generator)[:, 0]
-    return codes
+                 seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
+    """Codes [n, h, w] from the prior with the cached sampler (previews and evaluation grids)."""
+    from service.sampling import gumbel_noise
+    from training.fast_sampling import sample_cached_torch
+
+    noise = gumbel_noise(seed, n, h, w, prior.config.num_codes)
+    codes = sample_cached_torch(prior, noise, np.full(n, temperature, np.float32), np.zeros(n, np.int64), cond)
+    return torch.from_numpy(codes)
 
 
 def main(args) -> int:
@@ -123,11 +121,10 @@ def preview(prior: GatedPixelCNN, vqvae: VQVAE2, level: str, held_target: torch.
     Bottom prior: images decoded from held-out top codes with their real vs sampled bottom codes.
     Top prior: no image exists without bottom codes, so both rows are false-colour code maps.
     """
-    generator = torch.Generator().manual_seed(0)
     n = min(8, len(held_target))
     h, w = held_target.shape[1:]
     cond = held_cond[:n] if held_cond is not None else None
-    codes = sample_codes(prior, n, h, w, cond, generator)
+    codes = sample_codes(prior, n, h, w, cond)
     if level == "bottom":
         real = to_uint8_images(vqvae.decode_codes(held_target[:n], cond))
         grid = torch.cat([real, to_uint8_images(vqvae.decode_codes(codes, cond))]).numpy()
