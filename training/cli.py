@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "artifacts" / "default"
+from service.config import DEFAULT_BUNDLE
 
 
 def _train_vqvae(args):

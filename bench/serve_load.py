@@ -1,0 +1,276 @@
+"""Load benchmark of the encode endpoint: closed-loop clients over loopback, batching on vs off.
+
+    python bench/serve_load.py [--model artifacts/default] [--duration 10]
+
+For each mode (batching on: the default settings; batching off: VQTOK_MAX_BATCH=1) it starts a
+``vqtok serve`` subprocess and runs C clients (C in --concurrency) that each send one image, wait for
+the answer and send the next, for --duration seconds per point. It records throughput and p50/p99
+latency, then measures offline ONNX Runtime encode throughput (no HTTP, no PNG decoding) at each
+batch size with the same thread settings. Writes bench/results/serve_load.json and .png.
+
+The load generator is a minimal keep-alive HTTP/1.1 client on raw asyncio streams with the request
+bytes built once, so that on a small machine the clients take as little CPU from the server as
+possible (it still shares the cores: the numbers are a lower bound for a separate client host).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from service.bundle import Bundle
+
+DEFAULT_CONCURRENCY = (1, 4, 16, 32, 64)
+
+
+def smooth_images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """Gradients plus noise: compress like photos do, unlike pure noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = np.stack([yy, xx, (yy + xx) / 2], -1)[None] * rng.uniform(0.3, 1.0, (n, 1, 1, 3))
+    return (np.clip(base + rng.normal(0, 0.05, (n, size, size, 3)), 0, 1) * 255).astype(np.uint8)
+
+
+def png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def encode_request(blob: bytes, port: int) -> bytes:
+    boundary = "vqtokbenchboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + blob + f"\r\n--{boundary}--\r\n".encode()
+    head = (f"POST /v1/encode HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+async def read_response(reader: asyncio.StreamReader) -> int:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    length = next(int(v) for k, _, v in (ln.partition(b":") for ln in lines[1:]) if k.lower() == b"content-length")
+    await reader.readexactly(length)
+    return status
+
+
+async def closed_loop(port: int, requests: list[bytes], concurrency: int, duration: float,
+                      warmup: float) -> dict:
+    latencies: list[float] = []
+    errors = 0
+    start_measure = time.perf_counter() + warmup
+    stop = start_measure + duration
+
+    async def worker(i: int) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        k = i
+        try:
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= stop:
+                    return
+                writer.write(requests[k % len(requests)])
+                k += concurrency
+                status = await read_response(reader)
+                t1 = time.perf_counter()
+                if t0 >= start_measure:
+                    if status == 200:
+                        latencies.append(t1 - t0)
+                    else:
+                        errors += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    lat = np.array(latencies) * 1000
+    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors,
+            "throughput_rps": len(latencies) / duration,
+            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    import httpx
+
+    port = free_port()
+    full_env = {**os.environ, "VQTOK_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT), **env}
+    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--model", str(model),
+                             "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=full_env)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc, port
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not become ready")
+
+
+def batch_stats(port: int) -> tuple[float, float]:
+    import httpx
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith('vqtok_batch_size_sum{op="encode"}'):
+            total = float(line.rsplit(" ", 1)[1])
+        elif line.startswith('vqtok_batch_size_count{op="encode"}'):
+            count = float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
+def served(model: Path, blobs: list[bytes], concurrency: list[int], duration: float, warmup: float,
+           env: dict[str, str]) -> list[dict]:
+    proc, port = start_server(model, env)
+    requests = [encode_request(b, port) for b in blobs]
+    rows = []
+    try:
+        for c in concurrency:
+            before = batch_stats(port)
+            row = asyncio.run(closed_loop(port, requests, c, duration, warmup))
+            after = batch_stats(port)
+            row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+            rows.append(row)
+            print(f"  c={c:3d}  {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:.1f} ms  "
+                  f"p99 {row['p99_ms']:.1f} ms  mean batch {row['mean_batch']:.1f}  errors {row['errors']}",
+                  flush=True)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return rows
+
+
+def offline(model: Path, images: np.ndarray, threads: int, duration: float) -> dict:
+    """ONNX Runtime alone: images/s at each batch size (same session settings as the server)."""
+    from service.backend import RuntimeConfig, open_session, session_options
+
+    cfg = RuntimeConfig(device="cpu", intra_op_threads=threads)
+    sess = open_session(str(Bundle.load(model).path("encoder")), cfg, session_options(cfg))
+    per_batch = {}
+    for b in (1, 2, 4, 8, 16, 32, 64):
+        batch = np.ascontiguousarray(np.resize(images, (b, *images.shape[1:])))
+        sess.run(None, {"images": batch})
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < duration:
+            sess.run(None, {"images": batch})
+            n += b
+        per_batch[b] = n / (time.perf_counter() - t0)
+        print(f"  offline batch {b:3d}: {per_batch[b]:8.1f} images/s", flush=True)
+    best = max(per_batch, key=per_batch.get)
+    return {"images_per_s": per_batch, "best_batch": best, "best_images_per_s": per_batch[best]}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, style in (("batching_on", "o-"), ("batching_off", "s--")):
+        rows = result["served"][mode]
+        xs = [r["concurrency"] for r in rows]
+        ax1.plot(xs, [r["throughput_rps"] for r in rows], style, label=mode.replace("_", " "))
+        ax2.plot(xs, [r["p99_ms"] for r in rows], style, label=f"{mode.replace('_', ' ')} p99")
+        ax2.plot(xs, [r["p50_ms"] for r in rows], style, alpha=0.4, label=f"{mode.replace('_', ' ')} p50")
+    best = result["offline"]
+    ax1.axhline(best["best_images_per_s"], color="grey", ls=":",
+                label=f"offline ORT best (batch {best['best_batch']})")
+    ticks = [r["concurrency"] for r in result["served"]["batching_on"]]
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.set_xlabel("concurrent clients")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    ax1.set_ylabel("encode requests/s (1 image each)")
+    ax2.set_ylabel("latency (ms)")
+    ax2.set_yscale("log")
+    fig.suptitle(f"vqtok serve: {result['model']} ({result['image_size']}px), {result['cpu_count']} CPUs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=Path, default=ROOT / "artifacts" / "default")
+    p.add_argument("--duration", type=float, default=10.0, help="measured seconds per point")
+    p.add_argument("--warmup", type=float, default=None, help="unmeasured seconds per point (default 20%%)")
+    p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=list(DEFAULT_CONCURRENCY))
+    p.add_argument("--max-batch", type=int, default=32, help="VQTOK_MAX_BATCH with batching on")
+    p.add_argument("--max-delay-ms", type=float, default=None, help="VQTOK_MAX_DELAY_MS (default: the server's)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime intra-op threads")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_load.json")
+    args = p.parse_args(argv)
+    warmup = args.duration * 0.2 if args.warmup is None else args.warmup
+
+    bundle = Bundle.load(args.model)
+    images = smooth_images(64, bundle.image_size)
+    blobs = [png(im) for im in images]
+    common = {"VQTOK_DEVICE": "cpu", "VQTOK_INTRA_OP_THREADS": str(args.threads), "VQTOK_API_KEYS": "",
+              "VQTOK_QUEUE_LIMIT": str(max(512, 4 * max(args.concurrency)))}
+    if args.max_delay_ms is not None:
+        common["VQTOK_MAX_DELAY_MS"] = str(args.max_delay_ms)
+    modes = {"batching_on": {**common, "VQTOK_MAX_BATCH": str(args.max_batch)},
+             "batching_off": {**common, "VQTOK_MAX_BATCH": "1"}}
+    result: dict = {"model": bundle.name, "bundle": str(args.model), "image_size": bundle.image_size,
+                    "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
+                    "duration_s": args.duration, "threads": args.threads, "max_batch": args.max_batch,
+                    "served": {}}
+    for mode, env in modes.items():
+        print(f"{mode}:", flush=True)
+        result["served"][mode] = served(args.model, blobs, args.concurrency, args.duration, warmup, env)
+    print("offline:", flush=True)
+    result["offline"] = offline(args.model, images, args.threads, max(args.duration / 4, 0.2))
+
+    on = {r["concurrency"]: r["throughput_rps"] for r in result["served"]["batching_on"]}
+    off = {r["concurrency"]: r["throughput_rps"] for r in result["served"]["batching_off"]}
+    ref = 32 if 32 in on else max(on)
+    result["summary"] = {
+        "concurrency": ref,
+        "speedup_on_vs_off": on[ref] / off[ref] if off.get(ref) else None,
+        "best_served_images_per_s": max(on.values()),
+        "served_fraction_of_offline_best": max(on.values()) / result["offline"]["best_images_per_s"],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    plot(result, args.out.with_suffix(".png"))
+    print(json.dumps(result["summary"], indent=2))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The FastAPI application: wiring of settings, bundle, backend, engine, routes and middleware.
+
+``create_app`` verifies the bundle (sha256 of every file) before anything else, so a broken bundle
+never gets as far as a listening socket. Sessions load in the lifespan; the warm-up runs after
+start-up, and ``/readyz`` and the ``/v1`` API answer 503 until it has finished.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
+
+from service.backend import CUDA, Backend, OrtBackend, RuntimeConfig
+from service.bundle import Bundle
+from service.config import Settings
+from service.engine import Engine
+from service.errors import install_handlers
+from service.imaging import ImageLimits
+from service.metrics import Metrics
+from service.middleware import BodyLimit, RequestMetrics
+from service.router import EXTRA_SCHEMAS, health, v1
+from service.state import ServiceState
+
+log = logging.getLogger("vqtok.service")
+
+DESCRIPTION = """Image tokenizer: images to VQ-VAE-2 code grids and back, and samples from the priors.
+Requests are batched dynamically per operation; errors are always `{"error": {"code", "message"}}`."""
+
+
+def runtime_config(settings: Settings) -> RuntimeConfig:
+    return RuntimeConfig(device=settings.device, intra_op_threads=settings.intra_op_threads,
+                         inter_op_threads=settings.inter_op_threads, spinning=settings.ort_spinning,
+                         sampler=settings.sampler, warmup_batch=settings.max_batch)
+
+
+def load_backend(bundle: Bundle, settings: Settings) -> OrtBackend:
+    return OrtBackend(bundle, runtime_config(settings))
+
+
+def model_info(state: ServiceState) -> dict[str, Any]:
+    s, bundle, backend = state.settings, state.bundle, state.backend
+    m = bundle.manifest
+    provider = backend.provider
+    return {
+        "name": bundle.name,
+        "format_version": m["format_version"],
+        "image_size": bundle.image_size,
+        "levels": m["levels"],
+        "graphs": sorted(m["files"]),
+        "provider": provider,
+        "device": "cuda" if provider == CUDA else "cpu",
+        "sampler": getattr(backend, "sampler_method", None),
+        "limits": {"max_batch": s.max_batch, "max_delay_ms": state.engine.max_delay_ms, "sample_max_batch": s.sample_max_batch,
+                   "queue_limit": s.queue_limit, "request_timeout_s": s.request_timeout_s, "max_items": s.max_items,
+                   "max_body_bytes": s.max_body_bytes, "max_image_pixels": s.max_image_pixels,
+                   "max_native_pixels": s.max_native_pixels, "size_multiple": bundle.size_multiple},
+        "parity": m.get("parity", {}),
+        "metrics": m.get("metrics", {}),
+        "onnx": m.get("onnx", {}),
+    }
+
+
+async def _warm_up(state: ServiceState) -> None:
+    try:
+        await asyncio.to_thread(state.backend.warmup)
+    except Exception:  # stay up but never turn ready; the log says why
+        log.exception("warm-up failed; /readyz stays 503")
+        return
+    state.ready.set()
+    log.info("warm-up done: ready")
+
+
+def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None,
+               backend: Backend | None = None) -> FastAPI:
+    """The app for ``settings`` (default: from the environment).
+
+    ``bundle`` and ``backend`` may be passed in (``serve`` loads them first to fail fast; tests wrap
+    the backend); otherwise the bundle is loaded and verified here and the backend in the lifespan.
+    """
+    settings = settings or Settings()
+    bundle = bundle or Bundle.load(settings.model_dir)
+    metrics = Metrics()
+    limits = ImageLimits(bundle.image_size, bundle.size_multiple, settings.max_image_pixels,
+                         settings.max_native_pixels)
+    state = ServiceState(settings, bundle, metrics, limits, backend)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if state.backend is None:
+            state.backend = await asyncio.to_thread(load_backend, bundle, settings)
+        state.engine = Engine(state.backend, settings, metrics)
+        state.engine.start()
+        state.model_info = model_info(state)
+        log.info("serving bundle %r from %s on %s (max batch %d, max delay %g ms, %d ORT threads)",
+                 bundle.name, bundle.root, state.backend.provider, settings.max_batch, state.engine.max_delay_ms,
+                 settings.intra_op_threads)
+        warm = asyncio.create_task(_warm_up(state))
+        try:
+            yield
+        finally:
+            warm.cancel()
+            await state.engine.stop()
+
+    app = FastAPI(title="vqtok", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.vqtok = state
+    app.state.api_keys = [k.encode() for k in settings.api_keys]
+    install_handlers(app)
+    app.include_router(health)
+    app.include_router(v1)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # added last = outermost: sees every status
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            _, defs = models_json_schema([(m, "validation") for m in EXTRA_SCHEMAS],
+                                         ref_template="#/components/schemas/{model}")
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+    return app

@@ -1,0 +1,239 @@
+"""Dynamic batching: one bounded queue per operation, owned by one asyncio task.
+
+A request is a list of items (images, code grids, samples). ``Batcher.run`` groups its items by
+key (the input shape: only equal shapes stack into one tensor), splits each group into chunks of at
+most ``max_batch`` items and queues the chunks as jobs. The owning task closes a batch when a key
+has ``max_batch`` items waiting, or when the oldest waiting job is ``max_delay`` old, and runs the
+batch function in its own thread so the event loop keeps accepting requests meanwhile. While one
+batch runs the next one fills up, which is what makes batches grow under load.
+
+Failure isolation: an exception in the batch function fails that batch's jobs only. A job whose
+request has gone (client disconnected, deadline passed) is cancelled and leaves the queue at once.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded, PayloadTooLarge
+from service.metrics import Metrics
+
+log = logging.getLogger("vqtok.service")
+
+BatchFn = Callable[[list[Any]], Sequence[Any]]  # items -> one result per item, in order
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    max_batch: int = 32
+    max_delay_s: float = 0.005
+    queue_limit: int = 512  # items waiting (not yet running)
+    retry_after_s: int = 1
+
+
+@dataclass(eq=False)
+class _Job:
+    key: Hashable
+    items: list[Any]
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    def __init__(self, name: str, fn: BatchFn, key: Callable[[Any], Hashable], config: BatcherConfig,
+                 metrics: Metrics | None = None):
+        self.name, self.fn, self.key, self.config = name, fn, key, config
+        self.metrics = metrics
+        self._queues: dict[Hashable, deque[_Job]] = {}
+        self._counts: dict[Hashable, int] = {}
+        self._depth = 0
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        # One thread per operation: batches of one op run one after another, different ops overlap.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vqtok-{name}")
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for queue in self._queues.values():
+            for job in queue:
+                if not job.future.done():
+                    job.future.set_exception(NotReady("the server is shutting down", code="shutting_down"))
+        self._queues.clear()
+        self._counts.clear()
+        self._set_depth(0)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    # -- submitting -----------------------------------------------------------------------------
+    async def run(self, items: Sequence[Any], deadline: float | None = None) -> list[Any]:
+        """Results for ``items`` in order. ``deadline`` is a ``loop.time()`` value.
+
+        Raises PayloadTooLarge for a request that can never fit the queue, Overloaded when the
+        queue is full now, DeadlineExceeded past the deadline, InferenceFailed if its batch raised.
+        """
+        if self._task is None:
+            raise NotReady("the server is not serving yet")
+        n = len(items)
+        if n > self.config.queue_limit:
+            raise PayloadTooLarge(f"{n} items can never fit: the {self.name} queue holds at most "
+                                  f"{self.config.queue_limit}", code="too_many_items")
+        if self._depth + n > self.config.queue_limit:
+            raise Overloaded(f"the {self.name} queue is full; retry later",
+                             headers={"Retry-After": str(self.config.retry_after_s)})
+        groups: dict[Hashable, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(self.key(item), []).append(i)
+        loop = asyncio.get_running_loop()
+        parts: list[tuple[list[int], asyncio.Future]] = []
+        step = self.config.max_batch
+        for key, idx in groups.items():
+            for s in range(0, len(idx), step):
+                chunk = idx[s:s + step]
+                job = _Job(key, [items[i] for i in chunk], loop.create_future())
+                self._enqueue(job)
+                parts.append((chunk, job.future))
+        futures = [f for _, f in parts]
+        try:
+            # return_exceptions: every chunk's outcome is retrieved, none is left to warn at GC.
+            async with asyncio.timeout_at(deadline):
+                outcomes = await asyncio.gather(*futures, return_exceptions=True)
+        except TimeoutError:
+            raise DeadlineExceeded(f"the request did not finish within its deadline ({self.name})") from None
+        finally:
+            for f in futures:  # no-op for finished ones; takes still-queued ones out of the queue
+                f.cancel()
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        out: list[Any] = [None] * n
+        for (chunk, _), results in zip(parts, outcomes):
+            for i, result in zip(chunk, results):
+                out[i] = result
+        return out
+
+    def _enqueue(self, job: _Job) -> None:
+        self._queues.setdefault(job.key, deque()).append(job)
+        self._counts[job.key] = self._counts.get(job.key, 0) + len(job.items)
+        self._set_depth(self._depth + len(job.items))
+        job.future.add_done_callback(lambda f, job=job: self._on_done(job))
+        self._wakeup.set()
+
+    def _on_done(self, job: _Job) -> None:
+        # A job cancelled while still queued (its client left) must not hold a place any longer.
+        if job.future.cancelled():
+            queue = self._queues.get(job.key)
+            if queue is not None and job in queue:
+                queue.remove(job)
+                self._forget(job)
+
+    def _forget(self, job: _Job) -> None:
+        self._counts[job.key] -= len(job.items)
+        if not self._queues[job.key]:
+            del self._queues[job.key]
+            del self._counts[job.key]
+        self._set_depth(self._depth - len(job.items))
+
+    def _set_depth(self, depth: int) -> None:
+        self._depth = depth
+        if self.metrics is not None:
+            self.metrics.queue_depth.labels(self.name).set(depth)
+
+    # -- the owning task ------------------------------------------------------------------------
+    def _ready_key(self, now: float) -> tuple[bool, Hashable, float | None]:
+        """(ready, key to run now, seconds until the oldest job's delay runs out if none is ready)."""
+        oldest_key, oldest = None, None
+        for key, queue in self._queues.items():
+            if self._counts[key] >= self.config.max_batch:
+                return True, key, None
+            if oldest is None or queue[0].enqueued < oldest:
+                oldest_key, oldest = key, queue[0].enqueued
+        if oldest is None:
+            return False, None, None
+        wait = oldest + self.config.max_delay_s - now
+        return (True, oldest_key, None) if wait <= 0 else (False, None, wait)
+
+    def _take(self, key: Hashable) -> list[_Job]:
+        queue, jobs, size = self._queues[key], [], 0
+        while queue and size + len(queue[0].items) <= self.config.max_batch:
+            job = queue.popleft()
+            self._forget(job)
+            if job.future.cancelled():  # its done-callback has not run yet
+                continue
+            size += len(job.items)
+            jobs.append(job)
+        return jobs
+
+    async def _loop(self) -> None:
+        while True:
+            ready, key, wait = self._ready_key(time.perf_counter())
+            if not ready:
+                self._wakeup.clear()
+                try:
+                    async with asyncio.timeout(wait):
+                        await self._wakeup.wait()
+                except TimeoutError:
+                    pass
+                continue
+            jobs = self._take(key)
+            try:
+                await self._execute(jobs)
+            except asyncio.CancelledError:  # shutting down mid-batch: nobody will set these results
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(NotReady("the server is shutting down", code="shutting_down"))
+                raise
+            except Exception:  # the owning task must outlive any one batch
+                log.exception("%s batcher: unexpected error", self.name)
+                for job in jobs:
+                    if not job.future.done():
+                        job.future.set_exception(InferenceFailed(f"{self.name} failed"))
+
+    async def _execute(self, jobs: list[_Job]) -> None:
+        items = [item for job in jobs for item in job.items]
+        start = time.perf_counter()
+        if self.metrics is not None:
+            self.metrics.batch_size.labels(self.name).observe(len(items))
+            for job in jobs:
+                self.metrics.queue_time.labels(self.name).observe(start - job.enqueued)
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(self._executor, self.fn, items)
+            if len(results) != len(items):
+                raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+        except Exception as e:  # whatever the batch raised fails this batch only
+            log.exception("%s batch of %d items failed", self.name, len(items))
+            if self.metrics is not None:
+                self.metrics.batch_failures.labels(self.name).inc()
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(InferenceFailed(f"{self.name} failed ({type(e).__name__})"))
+            return
+        finally:
+            if self.metrics is not None:
+                self.metrics.inference_time.labels(self.name).observe(time.perf_counter() - start)
+        offset = 0
+        for job in jobs:
+            part = results[offset:offset + len(job.items)]
+            offset += len(job.items)
+            if not job.future.done():
+                job.future.set_result(part)

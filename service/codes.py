@@ -1,0 +1,79 @@
+"""Code grids on the wire: nested JSON lists, or ``{"shape", "dtype": "uint16", "data"}`` (base64,
+little-endian), the compact form for clients that care about bytes.
+
+Parsing raises ``ValueError`` with a message for people; the caller adds the field's name.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any, Literal
+
+import numpy as np
+
+GridFormat = Literal["list", "b64"]
+WIRE_DTYPE = "uint16"
+_LE_U16 = np.dtype("<u2")
+
+
+def parse_grid(value: Any) -> np.ndarray:
+    """A JSON value -> int64 [h, w]. Range checks need K and happen later (``check_range``)."""
+    if isinstance(value, np.ndarray):
+        return value
+    if isinstance(value, dict):
+        return _parse_b64(value)
+    if not isinstance(value, list):
+        # ValueError, not TypeError: pydantic turns only ValueError into a 422 naming the field.
+        raise ValueError("must be a list of rows of integer codes, or {shape, dtype, data}")  # noqa: TRY004
+    try:
+        a = np.array(value)
+    except (ValueError, OverflowError):
+        # numpy refuses inhomogeneous nesting: rows of different lengths or mixed depths.
+        raise ValueError("is ragged: every row must have the same length") from None
+    if a.ndim != 2:
+        raise ValueError(f"must be a 2-D grid (a list of rows), got {a.ndim} dimension(s)")
+    if a.size == 0:
+        raise ValueError("must not be empty")
+    if a.dtype.kind not in "iu":
+        raise ValueError("codes must be integers")
+    return a.astype(np.int64, copy=False)
+
+
+def _parse_b64(value: dict) -> np.ndarray:
+    unknown = set(value) - {"shape", "dtype", "data"}
+    if unknown or "shape" not in value or "data" not in value:
+        raise ValueError("the compact form is {\"shape\": [h, w], \"dtype\": \"uint16\", \"data\": base64}")
+    if value.get("dtype", WIRE_DTYPE) != WIRE_DTYPE:
+        raise ValueError(f"dtype must be {WIRE_DTYPE!r}, got {value.get('dtype')!r}")
+    shape = value["shape"]
+    if (not isinstance(shape, list) or len(shape) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)):
+        raise ValueError("shape must be two positive integers [h, w]")
+    if not isinstance(value["data"], str):
+        raise ValueError("data must be a base64 string")  # noqa: TRY004
+    try:
+        raw = base64.b64decode(value["data"], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("data is not valid base64") from None
+    need = shape[0] * shape[1] * _LE_U16.itemsize
+    if len(raw) != need:
+        raise ValueError(f"data holds {len(raw)} bytes, shape {shape} needs {need}")
+    return np.frombuffer(raw, dtype=_LE_U16).reshape(shape).astype(np.int64)
+
+
+def check_range(grid: np.ndarray, num_codes: int) -> str | None:
+    """None if every code is in [0, K), else a message."""
+    lo, hi = int(grid.min()), int(grid.max())
+    if lo < 0:
+        return f"codes must be in [0, {num_codes}), found {lo}"
+    if hi >= num_codes:
+        return f"codes must be in [0, {num_codes}), found {hi}"
+    return None
+
+
+def grid_to_wire(grid: np.ndarray, fmt: GridFormat) -> Any:
+    """int [h, w] -> nested lists (``tolist`` is the fastest way to JSON) or the compact form."""
+    if fmt == "b64":
+        data = np.ascontiguousarray(grid, dtype=_LE_U16).tobytes()
+        return {"shape": list(grid.shape), "dtype": WIRE_DTYPE, "data": base64.b64encode(data).decode("ascii")}
+    return grid.tolist()

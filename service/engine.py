@@ -1,0 +1,112 @@
+"""The operations (encode, decode, sample) as batchers over a backend.
+
+Items are single images, single code-grid pairs or single samples; the batch functions here stack
+them into tensors, call the backend once, and split the result back into items. Reconstruct is
+encode then decode, through the same two batchers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.backend import Backend
+from service.batcher import Batcher, BatcherConfig
+from service.config import Settings
+from service.errors import NotReady
+from service.metrics import Metrics
+from service.sampling import noise_for
+
+Codes = dict[str, np.ndarray]  # level name -> int64 [h, w]
+
+
+@dataclass(frozen=True)
+class SampleItem:
+    """One image of a sample request: its request's noise stream is (seed, n), and it is row ``index``."""
+
+    seed: int
+    n: int
+    index: int
+    temperature: float
+    top_k: int  # 0: no top-k
+
+
+class Engine:
+    def __init__(self, backend: Backend, settings: Settings, metrics: Metrics | None = None):
+        self.backend = backend
+        self.levels = [lv["name"] for lv in backend.bundle.manifest["levels"]]
+        self.max_delay_ms = settings.batch_delay_ms(backend.provider)
+        delay = self.max_delay_ms / 1000.0
+        cfg = BatcherConfig(max_batch=settings.max_batch, max_delay_s=delay,
+                            queue_limit=settings.queue_limit, retry_after_s=settings.retry_after_s)
+        self.encoder = Batcher("encode", self._encode_batch, _shape_key, cfg, metrics)
+        self.decoder = Batcher("decode", self._decode_batch, _codes_key, cfg, metrics)
+        self.sampler: Batcher | None = None
+        if backend.can_sample:
+            sample_cfg = BatcherConfig(max_batch=settings.sample_max_batch, max_delay_s=delay,
+                                       queue_limit=max(settings.queue_limit, settings.sample_max_batch),
+                                       retry_after_s=settings.retry_after_s)
+            self.sampler = Batcher("sample", self._sample_batch, _same_key, sample_cfg, metrics)
+
+    @property
+    def batchers(self) -> list[Batcher]:
+        return [b for b in (self.encoder, self.decoder, self.sampler) if b is not None]
+
+    def start(self) -> None:
+        for b in self.batchers:
+            b.start()
+
+    async def stop(self) -> None:
+        for b in self.batchers:
+            await b.stop()
+
+    # -- the API used by the router ------------------------------------------------------------
+    async def encode(self, images: list[np.ndarray], deadline: float | None) -> list[Codes]:
+        return await self.encoder.run(images, deadline)
+
+    async def decode(self, codes: list[Codes], deadline: float | None) -> list[np.ndarray]:
+        return await self.decoder.run(codes, deadline)
+
+    async def sample(self, items: list[SampleItem], deadline: float | None) -> list[tuple[np.ndarray, Codes]]:
+        if self.sampler is None:
+            raise NotReady("this bundle has no priors, so it cannot sample", code="sampling_unavailable")
+        return await self.sampler.run(items, deadline)
+
+    # -- batch functions (run in each batcher's thread) ----------------------------------------
+    def _encode_batch(self, images: list[np.ndarray]) -> list[Codes]:
+        out = self.backend.encode(np.stack(images))
+        return [{name: out[name][i] for name in self.levels} for i in range(len(images))]
+
+    def _decode_batch(self, codes: list[Codes]) -> list[np.ndarray]:
+        stacked = {name: np.stack([c[name] for c in codes]) for name in self.levels}
+        return list(self.backend.decode(stacked))
+
+    def _sample_batch(self, items: list[SampleItem]) -> list[tuple[np.ndarray, Codes]]:
+        # Each request's noise comes from its own seed, so a sample does not depend on its batch-mates.
+        streams: dict[tuple[int, int], tuple[np.ndarray | None, np.ndarray]] = {}
+        tops, bottoms = [], []
+        for item in items:
+            key = (item.seed, item.n)
+            if key not in streams:
+                streams[key] = noise_for(self.backend.bundle, item.seed, item.n)
+            top, bottom = streams[key]
+            if top is not None:
+                tops.append(top[item.index])
+            bottoms.append(bottom[item.index])
+        temperature = np.array([it.temperature for it in items], dtype=np.float32)
+        top_k = np.array([it.top_k for it in items], dtype=np.int64)
+        codes = self.backend.sample(np.stack(tops) if tops else None, np.stack(bottoms), temperature, top_k)
+        images = self.backend.decode(codes)
+        return [(images[i], {name: codes[name][i] for name in self.levels}) for i in range(len(items))]
+
+
+def _shape_key(image: np.ndarray) -> tuple[int, ...]:
+    return image.shape
+
+
+def _codes_key(codes: Codes) -> tuple[tuple[int, ...], ...]:
+    return tuple(g.shape for g in codes.values())
+
+
+def _same_key(item: SampleItem) -> int:
+    return 0  # every sample has the bundle's image size

@@ -1,0 +1,26 @@
+"""Prometheus metrics, in a registry per app so that several apps (tests) never collide."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("vqtok_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.latency = Histogram("vqtok_request_latency_seconds", "HTTP request latency",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_time = Histogram("vqtok_queue_time_seconds", "time a request waits for its batch",
+                                    ["op"], buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_time = Histogram("vqtok_inference_time_seconds", "time to run one batch",
+                                        ["op"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("vqtok_batch_size", "items per batch", ["op"], buckets=BATCH_BUCKETS,
+                                    registry=r)
+        self.queue_depth = Gauge("vqtok_queue_depth", "items waiting in a batcher's queue", ["op"], registry=r)
+        self.batch_failures = Counter("vqtok_batch_failures", "batches whose inference raised", ["op"],
+                                      registry=r)

@@ -1,0 +1,304 @@
+"""HTTP: routes, request parsing and validation. No inference here: the engine does that.
+
+Bodies are read by hand rather than by FastAPI parameters so that the API key is checked before
+any body is parsed, every content type gets the same 415, and one endpoint can take both
+multipart and JSON. ``openapi_extra`` documents the bodies with their typed schemas.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import secrets
+from collections.abc import Awaitable
+from typing import Annotated, Any, TypeVar
+
+import numpy as np
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.auth import require_api_key
+from service.codes import GridFormat, check_range, grid_to_wire
+from service.engine import Codes, SampleItem
+from service.errors import (
+    ApiError,
+    BadRequest,
+    PayloadTooLarge,
+    Unprocessable,
+    UnsupportedMediaType,
+    error_body,
+    unprocessable_from,
+)
+from service.imaging import Fit, load_image, psnr, to_png
+from service.schemas import (
+    DecodeRequest,
+    DecodeResponse,
+    EncodeJsonRequest,
+    EncodeResponse,
+    ErrorResponse,
+    Health,
+    ModelInfo,
+    ReconstructResponse,
+    SampleRequest,
+    SampleResponse,
+)
+from service.state import ServiceState
+
+M = TypeVar("M", bound=BaseModel)
+
+# Decoding or PNG-encoding this much work inline would stall the event loop; beyond it, a thread.
+INLINE_BYTES = 256 * 1024
+INLINE_PIXELS = 64 * 64 * 16
+
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 415, 422, 500, 503, 504)}
+
+
+class ClientGone(ApiError):
+    status, code = 499, "client_closed_request"
+
+
+def _json_body(model: type[BaseModel]) -> dict:
+    return {"required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+
+
+IMAGES_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "required": ["images"], "properties": {
+        "images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "application/json": {"schema": {"$ref": "#/components/schemas/EncodeJsonRequest"}},
+}}}
+EXTRA_SCHEMAS = [EncodeJsonRequest, DecodeRequest, SampleRequest]  # added to components by the app
+
+health = APIRouter(tags=["health"])
+v1 = APIRouter(prefix="/v1", tags=["v1"], dependencies=[Depends(require_api_key)], responses=ERRORS)
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.vqtok
+
+
+def fast_json(body: dict[str, Any], status: int = 200) -> Response:
+    # The bodies are plain lists/str/int already; skipping response-model validation is the point.
+    return Response(json.dumps(body, separators=(",", ":")), status_code=status, media_type="application/json")
+
+
+async def offload(heavy: bool, fn, *args):
+    """Run ``fn`` in a worker thread when it is heavy, inline when a thread hop would cost more."""
+    return await asyncio.to_thread(fn, *args) if heavy else fn(*args)
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def unless_client_gone(request: Request, work: Awaitable[Any]) -> Any:
+    """Await ``work``, but cancel it (its jobs leave the queue) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()  # the client left (or we are being cancelled): drop the queued jobs
+    if not task.done() or task.cancelled():
+        raise ClientGone("the client closed the connection")
+    return task.result()
+
+
+# --- request bodies ----------------------------------------------------------------------------
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _is_json(media_type: str) -> bool:
+    return media_type == "application/json" or media_type.endswith("+json")
+
+
+async def read_json(request: Request, model: type[M]) -> M:
+    if not _is_json(_media_type(request)):
+        raise UnsupportedMediaType(f"expected Content-Type application/json, got {_media_type(request) or 'none'!r}")
+    body = await request.body()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise unprocessable_from(e) from None
+
+
+async def read_image_blobs(request: Request, st: ServiceState) -> list[bytes]:
+    media_type, max_items = _media_type(request), st.settings.max_items
+    blobs: list[bytes] = []
+    if media_type == "multipart/form-data":
+        try:
+            form = await request.form(max_files=max_items + 1, max_fields=max_items + 16)
+        except StarletteHTTPException as e:
+            if "Too many files" in str(e.detail):
+                raise PayloadTooLarge(f"at most {max_items} images per request", code="too_many_items") from None
+            raise BadRequest(f"malformed multipart body: {e.detail}", code="invalid_multipart") from None
+        try:
+            for i, part in enumerate(form.getlist("images")):
+                if isinstance(part, str):
+                    raise Unprocessable(f"images[{i}]: must be a file part (filename=...), not a text field")
+                blobs.append(await part.read())
+        finally:
+            await form.close()
+    elif _is_json(media_type):
+        req = await read_json(request, EncodeJsonRequest)
+        for i, text in enumerate(req.images):
+            if text.startswith("data:") and "," in text:  # tolerate data URLs
+                text = text.split(",", 1)[1]
+            try:
+                blobs.append(base64.b64decode(text, validate=True))
+            except (binascii.Error, ValueError):
+                raise Unprocessable(f"images[{i}]: not valid base64", code="invalid_base64") from None
+    else:
+        raise UnsupportedMediaType("send images as multipart/form-data parts named 'images', or as "
+                                   f"application/json {{\"images\": [base64, ...]}}; got {media_type or 'none'!r}")
+    if not blobs:
+        raise Unprocessable("images: at least one image is required")
+    if len(blobs) > max_items:
+        raise PayloadTooLarge(f"{len(blobs)} images; at most {max_items} per request", code="too_many_items")
+    return blobs
+
+
+async def read_images(request: Request, st: ServiceState, fit: Fit) -> list[np.ndarray]:
+    blobs = await read_image_blobs(request, st)
+
+    def load_all() -> list[np.ndarray]:
+        return [load_image(b, fit, st.limits, f"images[{i}]") for i, b in enumerate(blobs)]
+
+    return await offload(sum(map(len, blobs)) > INLINE_BYTES, load_all)
+
+
+def validate_codes(req: DecodeRequest, st: ServiceState) -> list[Codes]:
+    if len(req.items) > st.settings.max_items:
+        raise PayloadTooLarge(f"{len(req.items)} items; at most {st.settings.max_items} per request",
+                              code="too_many_items")
+    levels = st.bundle.levels
+    out = []
+    for i, item in enumerate(req.items):
+        codes: Codes = {}
+        size: tuple[int, int] | None = None
+        first = None
+        for name, level in levels.items():
+            grid = getattr(item, name)
+            field = f"items[{i}].{name}"
+            problem = check_range(grid, level.codebook_size)
+            if problem:
+                raise Unprocessable(f"{field}: {problem}", code="invalid_codes")
+            implied = (grid.shape[0] * level.stride, grid.shape[1] * level.stride)
+            if size is None:
+                size, first = implied, (name, grid.shape)
+            elif implied != size:
+                want = [size[0] // level.stride, size[1] // level.stride]
+                raise Unprocessable(f"{field}: shape {list(grid.shape)} does not match items[{i}].{first[0]} "
+                                    f"{list(first[1])} (expected {want})", code="invalid_codes")
+            codes[name] = grid
+        if size[0] * size[1] > st.settings.max_native_pixels:
+            raise Unprocessable(f"items[{i}]: decodes to {size[1]}x{size[0]}, over the limit of "
+                                f"{st.settings.max_native_pixels} pixels", code="invalid_codes")
+        out.append(codes)
+    return out
+
+
+def encode_pngs(images: list[np.ndarray], level: int) -> list[str]:
+    return [base64.b64encode(to_png(im, level)).decode("ascii") for im in images]
+
+
+async def pngs_b64(images: list[np.ndarray], st: ServiceState) -> list[str]:
+    heavy = sum(im.shape[0] * im.shape[1] for im in images) > INLINE_PIXELS
+    return await offload(heavy, encode_pngs, images, st.settings.png_compress_level)
+
+
+# --- endpoints ---------------------------------------------------------------------------------
+@v1.post("/encode", response_model=EncodeResponse, openapi_extra=IMAGES_BODY,
+         summary="Images to code grids")
+async def encode(request: Request, fit: Fit = "center_crop",
+                 fmt: Annotated[GridFormat, Query(alias="format", description="b64: compact uint16 grids")] = "list"):
+    st = get_state(request)
+    engine = st.require_ready()
+    deadline = st.deadline()
+    images = await read_images(request, st, fit)
+    codes = await unless_client_gone(request, engine.encode(images, deadline))
+    items = [{"height": im.shape[0], "width": im.shape[1], **{k: grid_to_wire(g, fmt) for k, g in c.items()}}
+             for im, c in zip(images, codes)]
+    return fast_json({"model": st.bundle.name, "items": items})
+
+
+@v1.post("/decode", response_model=DecodeResponse, openapi_extra={"requestBody": _json_body(DecodeRequest)},
+         responses={200: {"content": {"image/png": {}},
+                          "description": "JSON, or the PNG itself for one item with Accept: image/png"}},
+         summary="Code grids to images")
+async def decode(request: Request):
+    st = get_state(request)
+    engine = st.require_ready()
+    deadline = st.deadline()
+    req = await read_json(request, DecodeRequest)
+    codes = validate_codes(req, st)
+    images = await unless_client_gone(request, engine.decode(codes, deadline))
+    if len(images) == 1 and "image/png" in request.headers.get("accept", ""):
+        return Response(to_png(images[0], st.settings.png_compress_level), media_type="image/png")
+    return fast_json({"model": st.bundle.name, "images": await pngs_b64(images, st)})
+
+
+@v1.post("/reconstruct", response_model=ReconstructResponse, openapi_extra=IMAGES_BODY,
+         summary="Images through encode and decode, with PSNR")
+async def reconstruct(request: Request, fit: Fit = "center_crop"):
+    st = get_state(request)
+    engine = st.require_ready()
+    deadline = st.deadline()
+    images = await read_images(request, st, fit)
+
+    async def both() -> list[np.ndarray]:
+        return await engine.decode(await engine.encode(images, deadline), deadline)
+
+    recon = await unless_client_gone(request, both())
+    pngs = await pngs_b64(recon, st)
+    items = [{"height": a.shape[0], "width": a.shape[1], "image": png, "psnr": psnr(a, b)}
+             for a, b, png in zip(images, recon, pngs)]
+    return fast_json({"model": st.bundle.name, "items": items})
+
+
+@v1.post("/sample", response_model=SampleResponse, openapi_extra={"requestBody": _json_body(SampleRequest)},
+         summary="Sample images from the priors")
+async def sample(request: Request):
+    st = get_state(request)
+    engine = st.require_ready()
+    deadline = st.deadline()
+    req = await read_json(request, SampleRequest)
+    seed = req.seed if req.seed is not None else secrets.randbits(63)
+    items = [SampleItem(seed, req.n, i, req.temperature, req.top_k or 0) for i in range(req.n)]
+    results = await unless_client_gone(request, engine.sample(items, deadline))
+    body: dict[str, Any] = {"model": st.bundle.name, "seed": seed,
+                            "images": await pngs_b64([im for im, _ in results], st), "codes": None}
+    if req.return_codes:
+        body["codes"] = [{k: grid_to_wire(g, req.format) for k, g in codes.items()} for _, codes in results]
+    return fast_json(body)
+
+
+@v1.get("/model", response_model=ModelInfo, summary="The bundle's manifest summary and the active provider")
+async def model(request: Request):
+    return fast_json(get_state(request).model_info)
+
+
+@health.get("/healthz", response_model=Health, summary="The process is up")
+async def healthz():
+    return fast_json({"status": "ok"})
+
+
+@health.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}},
+            summary="The model is loaded and warmed up")
+async def readyz(request: Request):
+    if get_state(request).ready.is_set():
+        return fast_json({"status": "ready"})
+    return JSONResponse(error_body("not_ready", "the model is still warming up"), status_code=503)
+
+
+@health.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(request: Request):
+    return Response(generate_latest(get_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,161 @@
+"""Typed request and response bodies: what OpenAPI (``/docs``) shows and what requests validate to.
+
+Responses are built as plain dicts and serialised directly (validating large code grids a second
+time would cost more than the inference), so the response models here document the shape.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+
+from service.codes import GridFormat, parse_grid
+
+_B64_GRID_SCHEMA = {
+    "type": "object",
+    "title": "B64Grid",
+    "properties": {
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 2, "maxItems": 2},
+        "dtype": {"type": "string", "const": "uint16"},
+        "data": {"type": "string", "contentEncoding": "base64",
+                 "description": "little-endian uint16 codes, row-major"},
+    },
+    "required": ["shape", "data"],
+}
+GRID_SCHEMA = {
+    "title": "Grid",
+    "description": "codes as a list of rows of integers in [0, K), or the compact base64 form",
+    "anyOf": [
+        {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}}},
+        _B64_GRID_SCHEMA,
+    ],
+}
+
+# Parsed into an int64 numpy array by ``parse_grid``; documented as the two wire forms.
+Grid = Annotated[Any, PlainValidator(parse_grid), WithJsonSchema(GRID_SCHEMA)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- requests ----------------------------------------------------------------------------------
+class EncodeJsonRequest(_Strict):
+    images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
+
+
+class DecodeItem(_Strict):
+    top: Grid
+    bottom: Grid
+
+
+class DecodeRequest(_Strict):
+    items: list[DecodeItem] = Field(min_length=1)
+
+
+class SampleRequest(_Strict):
+    n: int = Field(1, ge=1, le=64, description="number of images")
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    top_k: int | None = Field(None, ge=1, description="sample among the k most likely codes only")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same images; random if absent")
+    return_codes: bool = False
+    format: GridFormat = Field("list", description="code grid form when return_codes is true")
+
+
+# --- responses ---------------------------------------------------------------------------------
+class B64Grid(BaseModel):
+    shape: list[int]
+    dtype: Literal["uint16"] = "uint16"
+    data: str
+
+
+WireGrid = list[list[int]] | B64Grid
+
+
+class EncodedItem(BaseModel):
+    height: int
+    width: int
+    top: WireGrid
+    bottom: WireGrid
+
+
+class EncodeResponse(BaseModel):
+    model: str
+    items: list[EncodedItem]
+
+
+class DecodeResponse(BaseModel):
+    model: str
+    images: list[str] = Field(description="base64 PNGs")
+
+
+class ReconstructedItem(BaseModel):
+    height: int
+    width: int
+    image: str = Field(description="base64 PNG")
+    psnr: float | None = Field(description="dB against the (fitted) input; null if identical")
+
+
+class ReconstructResponse(BaseModel):
+    model: str
+    items: list[ReconstructedItem]
+
+
+class CodePair(BaseModel):
+    top: WireGrid
+    bottom: WireGrid
+
+
+class SampleResponse(BaseModel):
+    model: str
+    seed: int
+    images: list[str] = Field(description="base64 PNGs")
+    codes: list[CodePair] | None = None
+
+
+class LevelInfo(BaseModel):
+    name: str
+    stride: int
+    codebook_size: int
+    embedding_dim: int
+
+
+class LimitsInfo(BaseModel):
+    max_batch: int
+    max_delay_ms: float
+    sample_max_batch: int
+    queue_limit: int
+    request_timeout_s: float
+    max_items: int
+    max_body_bytes: int
+    max_image_pixels: int
+    max_native_pixels: int
+    size_multiple: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    format_version: int
+    image_size: int
+    levels: list[LevelInfo]
+    graphs: list[str]
+    provider: str
+    device: str
+    sampler: str | None
+    limits: LimitsInfo
+    parity: dict[str, Any]
+    metrics: dict[str, Any]
+    onnx: dict[str, Any]
+
+
+class Health(BaseModel):
+    status: str
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,50 @@
+"""``vqtok serve``: load and verify the bundle, open the sessions, then run one uvicorn worker.
+
+One worker on purpose: the batchers only batch what one process sees, and ONNX Runtime already
+uses every core inside a batch. The bundle and sessions are loaded before uvicorn starts, so a
+missing or corrupt file ends the command with a one-line error naming it (exit status 2).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.app import create_app, load_backend
+from service.backend import DeviceUnavailable
+from service.bundle import Bundle, BundleError
+from service.config import Settings
+
+log = logging.getLogger("vqtok.service")
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def serve(model_dir: str | Path | None = None, host: str | None = None, port: int | None = None) -> int:
+    overrides = {k: v for k, v in {"model_dir": model_dir, "host": host, "port": port}.items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        problems = "; ".join(f"VQTOK_{'_'.join(map(str, err['loc'])).upper()}: {err['msg']}" for err in e.errors())
+        print(f"vqtok serve: invalid settings: {problems}", file=sys.stderr)
+        return 2
+    _configure_logging(settings.log_level)
+    try:
+        bundle = Bundle.load(settings.model_dir)
+        backend = load_backend(bundle, settings)
+    except (BundleError, DeviceUnavailable) as e:
+        print(f"vqtok serve: refusing to start: {e}", file=sys.stderr)
+        return 2
+    log.info("ONNX Runtime provider: %s", backend.provider)
+    app = create_app(settings, bundle=bundle, backend=backend)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level,
+                            access_log=settings.access_log, timeout_graceful_shutdown=settings.graceful_timeout_s,
+                            log_config=None)
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else 3

@@ -1,0 +1,35 @@
+"""What one running service holds: settings, bundle, backend, engine, metrics, readiness."""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.backend import Backend
+from service.bundle import Bundle
+from service.config import Settings
+from service.engine import Engine
+from service.errors import NotReady
+from service.imaging import ImageLimits
+from service.metrics import Metrics
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    bundle: Bundle
+    metrics: Metrics
+    limits: ImageLimits
+    backend: Backend | None = None
+    engine: Engine | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    model_info: dict[str, Any] = field(default_factory=dict)
+
+    def require_ready(self) -> Engine:
+        if not self.ready.is_set() or self.engine is None:
+            raise NotReady("the model is still warming up", headers={"Retry-After": str(self.settings.retry_after_s)})
+        return self.engine
+
+    def deadline(self) -> float:
+        """The loop time by which a request arriving now must be answered."""
+        return asyncio.get_running_loop().time() + self.settings.request_timeout_s
