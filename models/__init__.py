@@ -3,4 +3,4 @@ from models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from models.quantizer import QuantizerConfig, VectorQuantizerEMA
 from models.vqvae import VQVAE2, VQVAEConfig
 
-__all__ = ["GatedPixelCNN", "PixelCNNConfig", "QuantizerConfig", "VectorQuantizerEMA", "VQVAE2", "VQVAEConfig"]
+__all__ = ["VQVAE2", "GatedPixelCNN", "PixelCNNConfig", "QuantizerConfig", "VQVAEConfig", "VectorQuantizerEMA"]

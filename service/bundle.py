@@ -44,7 +44,7 @@ class Bundle:
     manifest: dict[str, Any]
 
     @classmethod
-    def load(cls, root: str | Path, verify: bool = True) -> "Bundle":
+    def load(cls, root: str | Path, verify: bool = True) -> Bundle:
         root = Path(root)
         path = root / MANIFEST
         if not path.is_file():

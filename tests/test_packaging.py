@@ -17,7 +17,7 @@ def test_dockerfile_lints_clean():
 
 def test_dockerfile_copies_existing_paths_and_serves_the_default_bundle():
     text = (ROOT / "Dockerfile").read_text()
-    sources = [src for line in re.findall(r"^COPY (.+)$", text, re.M) for src in line.split()[:-1]]
+    sources = [src for line in re.findall(r"^COPY (.+)$", text, re.MULTILINE) for src in line.split()[:-1]]
     assert sources
     for src in sources:
         assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the repository"

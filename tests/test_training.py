@@ -61,7 +61,7 @@ def test_train_resume_prior_evaluate_export(image_folder, tmp_path):
     # Interrupt a second run at step 20 (right after its checkpoint), then resume it: the next
     # losses must be exactly those of the uninterrupted run.
     interrupted = tmp_path / "interrupted"
-    import training.loop as loop
+    from training import loop
 
     original_save = loop.Run.save
     fired = []

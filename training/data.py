@@ -79,7 +79,7 @@ class PhotoSource:
     skipped: int = 0
 
     @classmethod
-    def build(cls, size: int) -> "PhotoSource":
+    def build(cls, size: int) -> PhotoSource:
         src = cls(size)
         for name in TRAIN_PHOTOS:
             src.train_levels.extend(pyramid(load_rgb(photo_path(name)), size))
@@ -118,7 +118,7 @@ class FolderSource:
     bad: set[Path] = field(default_factory=set)
 
     @classmethod
-    def build(cls, root: str | Path, size: int, val_fraction: float) -> "FolderSource":
+    def build(cls, root: str | Path, size: int, val_fraction: float) -> FolderSource:
         root = Path(root)
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:

@@ -32,7 +32,7 @@ def evaluate(vqvae_path: Path, prior_paths: dict[str, Path | None], max_images: 
     images = source.heldout(max_images)
     recon = vqvae_metrics(vqvae, images)
     report: dict[str, Any] = {
-        "heldout_images": int(len(images)), "image_size": cfg["image_size"], "data": cfg["data"],
+        "heldout_images": len(images), "image_size": cfg["image_size"], "data": cfg["data"],
         "reconstruction": {k: recon[k] for k in ("psnr", "mse", "ssim")},
         "levels": {}, "training": {"vqvae": training_summary(vqvae_path)},
     }

@@ -161,7 +161,7 @@ def check_parity(vqvae: VQVAE2, prior_top: GatedPixelCNN | None, prior_bottom: G
     images = np.ascontiguousarray(check_images)
     torch_codes = EncoderGraph(vqvae)(torch.from_numpy(images))
     ort_codes = ort_session(files["encoder"]).run(None, {"images": images})
-    report: dict[str, float] = {"images": int(len(images))}
+    report: dict[str, float] = {"images": len(images)}
     for name, t, o in zip(level_names, torch_codes, ort_codes):
         agreement = float((t.numpy() == o).mean())
         report[f"code_agreement_{name}"] = agreement

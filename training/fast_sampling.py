@@ -42,8 +42,7 @@ from torch import nn
 
 from models.pixelcnn import GatedPixelCNN
 from service.sampling import cache_zeros, pick_codes
-
-OPSET = 17
+from training.export import export_onnx
 
 
 class CachedPrior(nn.Module):
@@ -179,17 +178,6 @@ class _PixelGraph(nn.Module):
         return self.cp.pixel(prev, col, hbias, hcache)
 
 
-def _export(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
-            axes: dict[str, dict[int, str]]) -> None:
-    import onnx
-
-    module.eval()
-    with torch.no_grad():
-        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
-                          dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-    onnx.checker.check_model(onnx.load(str(path)))
-
-
 def export_step_graphs(prior: GatedPixelCNN, out_dir: str | Path, name: str, grid: tuple[int, int] = (4, 4),
                        cond_grid: tuple[int, int] | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
     """Write ``{name}_row.onnx``, ``{name}_pixel.onnx`` (and ``{name}_cond.onnx`` when conditioned).
@@ -217,7 +205,7 @@ def export_step_graphs(prior: GatedPixelCNN, out_dir: str | Path, name: str, gri
             top = torch.randint(0, prior.config.cond_codes, (n, ch, cw))
             files[f"{name}_cond"] = out / f"{name}_cond.onnx"
             cond_axes = {k: {0: "batch", 2: "height", 3: "width"} for k in ("condv", "condh")}
-            _export(_CondGraph(cp), (top,), files[f"{name}_cond"], ["top"], ["condv", "condh"],
+            export_onnx(_CondGraph(cp), (top,), files[f"{name}_cond"], ["top"], ["condv", "condh"],
                     {"top": {0: "batch", 1: "top_h", 2: "top_w"}, **cond_axes})
             info["cond"] = f"{name}_cond"
             info["condv"] = info["condh"] = ["batch", L * 2 * C, "height", "width"]
@@ -226,10 +214,10 @@ def export_step_graphs(prior: GatedPixelCNN, out_dir: str | Path, name: str, gri
             row_args += [condv, condh]
             row_axes.update(cond_axes)
         files[f"{name}_row"] = out / f"{name}_row.onnx"
-        _export(_RowGraph(cp), tuple(row_args), files[f"{name}_row"], row_inputs, ["hbias", "vcache_out"], row_axes)
+        export_onnx(_RowGraph(cp), tuple(row_args), files[f"{name}_row"], row_inputs, ["hbias", "vcache_out"], row_axes)
         hbias, _ = cp.row(*row_args)
         files[f"{name}_pixel"] = out / f"{name}_pixel.onnx"
-        _export(_PixelGraph(cp), (codes[:, 0, 0], torch.tensor([1]), hbias, cp.init_hcache(n)), files[f"{name}_pixel"],
+        export_onnx(_PixelGraph(cp), (codes[:, 0, 0], torch.tensor([1]), hbias, cp.init_hcache(n)), files[f"{name}_pixel"],
                 ["prev", "col", "hbias", "hcache"], ["logits", "hcache_out"],
                 {"prev": {0: "batch"}, "hbias": {0: "batch", 1: "width"}, "hcache": {0: "batch"},
                  "logits": {0: "batch"}, "hcache_out": {0: "batch"}})

@@ -60,7 +60,7 @@ def vqvae_metrics(model: VQVAE2, images: np.ndarray, with_ssim: bool = True) -> 
         for name, c in codes.items():
             counts[name] += np.bincount(c.flatten().numpy(), minlength=len(counts[name]))
     out = {"psnr": float(np.concatenate(psnrs).mean()), "mse": float(np.concatenate(mses).mean()),
-           "images": int(len(images))}
+           "images": len(images)}
     if with_ssim:
         out["ssim"] = float(np.mean(ssims))
     for name, c in counts.items():
