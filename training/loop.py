@@ -48,6 +48,20 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def load_model(path: str | Path, kind: str) -> torch.nn.Module:
+    """Rebuild a trained model from its checkpoint's config alone, in eval mode."""
+    from models import VQVAE2, GatedPixelCNN, PixelCNNConfig, VQVAEConfig
+
+    builders = {"vqvae": (VQVAE2, VQVAEConfig), "prior": (GatedPixelCNN, PixelCNNConfig)}
+    ckpt = load_checkpoint(path)
+    if ckpt["kind"] != kind:
+        raise ValueError(f"{path} is a {ckpt['kind']} checkpoint, not a {kind}")
+    model_cls, config_cls = builders[kind]
+    model = model_cls(config_cls(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
 def resolve_config(cls: type, args) -> tuple[Any, dict[str, Any] | None]:
     """The run's config and, with --resume, the checkpoint to continue from."""
     given = explicit_args(args)

@@ -12,33 +12,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models import VQVAE2, GatedPixelCNN, VQVAEConfig
+from models import VQVAE2, GatedPixelCNN
 from training import plots
 from training.config import PriorTrainConfig
 from training.data import make_source
 from training.export import to_model_input, to_uint8_images
-from training.loop import Run, load_checkpoint, read_metrics, resolve_config, train, warmup_cosine
+from training.loop import Run, load_model, read_metrics, resolve_config, train, warmup_cosine
 from training.metrics import prior_nll_bits
 
 
 def load_vqvae(path) -> VQVAE2:
-    ckpt = load_checkpoint(path)
-    if ckpt["kind"] != "vqvae":
-        raise ValueError(f"{path} is a {ckpt['kind']} checkpoint, not a VQ-VAE")
-    model = VQVAE2(VQVAEConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval().requires_grad_(False)
+    """The trained VQ-VAE of a run, frozen."""
+    return load_model(path, "vqvae").requires_grad_(False)
 
 
 def load_prior(path) -> GatedPixelCNN:
-    from models import PixelCNNConfig
-
-    ckpt = load_checkpoint(path)
-    if ckpt["kind"] != "prior":
-        raise ValueError(f"{path} is a {ckpt['kind']} checkpoint, not a prior")
-    model = GatedPixelCNN(PixelCNNConfig(**ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+    return load_model(path, "prior")
 
 
 @torch.no_grad()
