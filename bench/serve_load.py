@@ -147,6 +147,12 @@ def batch_stats(port: int) -> tuple[float, float]:
     return total, count
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process and its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def served(model: Path, blobs: list[bytes], concurrency: list[int], duration: float, warmup: float,
            env: dict[str, str]) -> list[dict]:
     proc, port = start_server(model, env)
@@ -155,12 +161,20 @@ def served(model: Path, blobs: list[bytes], concurrency: list[int], duration: fl
     try:
         for c in concurrency:
             before = batch_stats(port)
+            # CPU per request, server and load generator apart: on a shared 2-core machine this
+            # says where the cores go (the counts include the unmeasured warm-up requests).
+            server_cpu, client_cpu = process_cpu_s(proc.pid), time.process_time()
             row = asyncio.run(closed_loop(port, requests, c, duration, warmup))
+            server_cpu, client_cpu = process_cpu_s(proc.pid) - server_cpu, time.process_time() - client_cpu
             after = batch_stats(port)
+            handled = max(after[0] - before[0], 1)
             row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+            row["server_cpu_ms_per_request"] = 1000 * server_cpu / handled
+            row["client_cpu_ms_per_request"] = 1000 * client_cpu / handled
             rows.append(row)
             print(f"  c={c:3d}  {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:.1f} ms  "
-                  f"p99 {row['p99_ms']:.1f} ms  mean batch {row['mean_batch']:.1f}  errors {row['errors']}",
+                  f"p99 {row['p99_ms']:.1f} ms  mean batch {row['mean_batch']:.1f}  errors {row['errors']}  "
+                  f"cpu ms/req server {row['server_cpu_ms_per_request']:.2f} client {row['client_cpu_ms_per_request']:.2f}",
                   flush=True)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -177,18 +191,20 @@ def offline(model: Path, images: np.ndarray, threads: int, duration: float) -> d
 
     cfg = RuntimeConfig(device="cpu", intra_op_threads=threads)
     sess = open_session(str(Bundle.load(model).path("encoder")), cfg, session_options(cfg))
-    per_batch = {}
+    per_batch, cpu_ms = {}, {}
     for b in (1, 2, 4, 8, 16, 32, 64):
         batch = np.ascontiguousarray(np.resize(images, (b, *images.shape[1:])))
         sess.run(None, {"images": batch})
-        n, t0 = 0, time.perf_counter()
+        n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
         while time.perf_counter() - t0 < duration:
             sess.run(None, {"images": batch})
             n += b
         per_batch[b] = n / (time.perf_counter() - t0)
-        print(f"  offline batch {b:3d}: {per_batch[b]:8.1f} images/s", flush=True)
+        cpu_ms[b] = 1000 * (time.process_time() - cpu0) / n
+        print(f"  offline batch {b:3d}: {per_batch[b]:8.1f} images/s  cpu {cpu_ms[b]:.2f} ms/image", flush=True)
     best = max(per_batch, key=per_batch.get)
-    return {"images_per_s": per_batch, "best_batch": best, "best_images_per_s": per_batch[best]}
+    return {"images_per_s": per_batch, "cpu_ms_per_image": cpu_ms, "best_batch": best,
+            "best_images_per_s": per_batch[best]}
 
 
 def plot(result: dict, path: Path) -> None:
