@@ -30,7 +30,7 @@ and the cached sampler consume the same noise the same way and return the same c
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -248,26 +248,44 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+def _cached_walk(prior: GatedPixelCNN, n: int, height: int, width: int, cond: torch.Tensor | None,
+                 visit: Callable[[int, int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Step the cached prior over an n x height x width grid in raster order.
+
+    ``visit(i, j, logits)`` gets the step's logits [n, K] and returns the codes [n] placed at (i, j),
+    which the following steps then see: sampled codes when sampling, given ones when teacher forcing.
+    """
+    cp = CachedPrior(prior)
+    codes = torch.zeros(n, height, width, dtype=torch.long)
+    condv = condh = None
+    if cp.conditioned:
+        condv, condh = cp.cond(cond)
+    vcache = cp.init_vcache(n, width)
+    pad = torch.full((n,), cp.K, dtype=torch.long)
+    for i in range(height):
+        hbias, vcache = cp.row(codes[:, max(i - 1, 0)], torch.tensor([i]), vcache, condv, condh)
+        hcache = cp.init_hcache(n)
+        prev = pad
+        for j in range(width):
+            logits, hcache = cp.pixel(prev, torch.tensor([j]), hbias, hcache)
+            prev = visit(i, j, logits)
+            codes[:, i, j] = prev
+    return codes
+
+
 @_in_eval_mode
 @torch.no_grad()
 def teacher_forcing_logits(prior: GatedPixelCNN, codes: torch.Tensor, cond: torch.Tensor | None = None
                            ) -> torch.Tensor:
     """Logits [n, K, H, W] computed position by position with the cached stepper on given codes."""
-    cp = CachedPrior(prior)
-    n, H, W = codes.shape
-    out = torch.empty(n, cp.K, H, W)
-    condv = condh = None
-    if cp.conditioned:
-        condv, condh = cp.cond(cond)
-    vcache = cp.init_vcache(n, W)
-    pad = torch.full((n,), cp.K, dtype=torch.long)
-    for i in range(H):
-        prev_row = codes[:, i - 1] if i > 0 else codes[:, 0]
-        hbias, vcache = cp.row(prev_row, torch.tensor([i]), vcache, condv, condh)
-        hcache = cp.init_hcache(n)
-        for j in range(W):
-            logits, hcache = cp.pixel(codes[:, i, j - 1] if j > 0 else pad, torch.tensor([j]), hbias, hcache)
-            out[:, :, i, j] = logits
+    n, height, width = codes.shape
+    out = torch.empty(n, prior.config.num_codes, height, width)
+
+    def visit(i: int, j: int, logits: torch.Tensor) -> torch.Tensor:
+        out[:, :, i, j] = logits
+        return codes[:, i, j]
+
+    _cached_walk(prior, n, height, width, cond, visit)
     return out
 
 
@@ -290,23 +308,12 @@ def sample_naive_torch(prior: GatedPixelCNN, noise: np.ndarray, temperature: np.
 def sample_cached_torch(prior: GatedPixelCNN, noise: np.ndarray, temperature: np.ndarray, top_k: np.ndarray,
                         cond: torch.Tensor | None = None) -> np.ndarray:
     """Codes [n, H, W] with the cached stepper; the same noise gives the same codes as the naive sampler."""
-    cp = CachedPrior(prior)
-    n, H, W, _ = noise.shape
-    codes = torch.zeros(n, H, W, dtype=torch.long)
-    condv = condh = None
-    if cp.conditioned:
-        condv, condh = cp.cond(cond)
-    vcache = cp.init_vcache(n, W)
-    pad = torch.full((n,), cp.K, dtype=torch.long)
-    for i in range(H):
-        hbias, vcache = cp.row(codes[:, max(i - 1, 0)], torch.tensor([i]), vcache, condv, condh)
-        hcache = cp.init_hcache(n)
-        prev = pad
-        for j in range(W):
-            logits, hcache = cp.pixel(prev, torch.tensor([j]), hbias, hcache)
-            prev = torch.from_numpy(pick_codes(_np(logits), noise[:, i, j], temperature, top_k))
-            codes[:, i, j] = prev
-    return codes.numpy()
+    n, height, width, _ = noise.shape
+
+    def visit(i: int, j: int, logits: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(pick_codes(_np(logits), noise[:, i, j], temperature, top_k))
+
+    return _cached_walk(prior, n, height, width, cond, visit).numpy()
 
 
 def sample_torch(prior_top: GatedPixelCNN | None, prior_bottom: GatedPixelCNN, noise_top: np.ndarray | None,
