@@ -15,7 +15,7 @@ from training.data import make_source
 from training.export import to_uint8_images
 from training.loop import checkpoint_path, load_checkpoint
 from training.metrics import prior_nll_bits, vqvae_metrics
-from training.train_prior import encode_codes, load_prior, load_vqvae, sample_codes, split_codes
+from training.train_prior import load_prior, load_vqvae, sample_codes, split_codes
 
 
 def training_summary(path: Path) -> dict[str, Any]:
@@ -30,17 +30,12 @@ def evaluate(vqvae_path: Path, prior_paths: dict[str, Path | None], max_images: 
     cfg = load_checkpoint(vqvae_path)["config"]
     source = make_source(cfg["data"], cfg["image_size"], cfg["val_fraction"])
     images = source.heldout(max_images)
-    recon = vqvae_metrics(vqvae, images)
+    recon, codes = vqvae_metrics(vqvae, images)
     report: dict[str, Any] = {
         "heldout_images": len(images), "image_size": cfg["image_size"], "data": cfg["data"],
         "reconstruction": {k: recon[k] for k in ("psnr", "mse", "ssim")},
         "levels": {}, "training": {"vqvae": training_summary(vqvae_path)},
     }
-    codes = {}
-    for chunk_start in range(0, len(images), 128):
-        for name, c in encode_codes(vqvae, images[chunk_start:chunk_start + 128]).items():
-            codes.setdefault(name, []).append(c)
-    codes = {name: torch.cat(c) for name, c in codes.items()}
     total_uniform, total_prior = 0.0, 0.0
     for name in vqvae.config.level_names:
         level = {k[len(name) + 1:]: v for k, v in recon.items() if k.startswith(name + "_")}

@@ -46,26 +46,35 @@ def encode_batches(model: VQVAE2, images: np.ndarray, batch: int = 64):
         yield chunk, {name: lv["codes"] for name, lv in levels.items()}, recon
 
 
-def vqvae_metrics(model: VQVAE2, images: np.ndarray, with_ssim: bool = True) -> dict[str, float]:
-    """PSNR, MSE, SSIM and per-level usage terms on uint8 images [N, H, W, 3]."""
+def vqvae_metrics(model: VQVAE2, images: np.ndarray,
+                  with_ssim: bool = True) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """PSNR, MSE, SSIM and per-level usage terms on uint8 images [N, H, W, 3], and the codes
+    [N, h, w] per level they came from (so callers need not encode the images again)."""
     psnrs, mses, ssims = [], [], []
-    counts = {name: np.zeros(getattr(model.config, name).num_codes) for name in model.config.level_names}
-    for chunk, codes, recon in encode_batches(model, images):
+    codes: dict[str, list[torch.Tensor]] = {name: [] for name in model.config.level_names}
+    for chunk, chunk_codes, recon in encode_batches(model, images):
         psnrs.append(psnr(chunk, recon))
         mses.append((((chunk.astype(np.float64) - recon) / 255.0) ** 2).reshape(len(chunk), -1).mean(1))
         if with_ssim:
             from skimage.metrics import structural_similarity
 
             ssims += [structural_similarity(a, b, channel_axis=2, data_range=255) for a, b in zip(chunk, recon)]
-        for name, c in codes.items():
-            counts[name] += np.bincount(c.flatten().numpy(), minlength=len(counts[name]))
+        for name, c in chunk_codes.items():
+            codes[name].append(c)
+    all_codes = {name: torch.cat(c) for name, c in codes.items()}
     out = {"psnr": float(np.concatenate(psnrs).mean()), "mse": float(np.concatenate(mses).mean()),
            "images": len(images)}
     if with_ssim:
         out["ssim"] = float(np.mean(ssims))
-    for name, c in counts.items():
-        out.update({f"{name}_{k}": v for k, v in usage_terms(c).items()})
-    return out
+    for name, counts in code_counts(model, all_codes).items():
+        out.update({f"{name}_{k}": v for k, v in usage_terms(counts).items()})
+    return out, all_codes
+
+
+def code_counts(model: VQVAE2, codes: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Per-level histogram [K] of code grids."""
+    return {name: np.bincount(c.flatten().numpy(), minlength=getattr(model.config, name).num_codes)
+            for name, c in codes.items()}
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from training.config import VQVAETrainConfig
 from training.data import make_source
 from training.export import to_model_input
 from training.loop import Run, read_metrics, resolve_config, train, warmup_cosine
-from training.metrics import encode_batches, vqvae_metrics
+from training.metrics import code_counts, encode_batches, vqvae_metrics
 
 
 def build_run(args) -> tuple[Run, object]:
@@ -54,10 +54,14 @@ def main(args) -> int:
             metrics[f"{name}_batch_usage_pct"] = float((lv["usage"] > 0).float().mean() * 100)
         return metrics
 
+    heldout_codes: dict = {}  # from the latest evaluation, for the final usage plot
+
     def evaluate() -> dict[str, float]:
         chunk, _, recon = next(encode_batches(model, heldout[:16]))
         plots.save_reconstructions(chunk, recon, args.run / f"reconstructions_{run.step:06d}.png")
-        return vqvae_metrics(model, heldout, with_ssim=False)
+        metrics, codes = vqvae_metrics(model, heldout, with_ssim=False)
+        heldout_codes.update(codes)
+        return metrics
 
     def postfix(m: dict) -> dict:
         usage = "/".join(f"{m[f'{n}_batch_usage_pct']:.0f}%" for n in cfg.model_config().level_names)
@@ -66,12 +70,9 @@ def main(args) -> int:
     train(run, step, evaluate, postfix)
     records = read_metrics(args.run)
     plots.save_curves(records, ["loss", "psnr"], args.run / "loss_curves.png", "VQ-VAE training")
-    counts = {}
-    for _, codes, _ in encode_batches(model, heldout):
-        for name, c in codes.items():
-            size = getattr(model.config, name).num_codes
-            counts[name] = counts.get(name, 0) + np.bincount(c.flatten().numpy(), minlength=size)
-    plots.save_usage(counts, args.run / "codebook_usage.png")
+    if not heldout_codes:  # resumed at the last step: no evaluation ran in this process
+        evaluate()
+    plots.save_usage(code_counts(model, heldout_codes), args.run / "codebook_usage.png")
     final = [r for r in records if r.get("split") == "heldout"][-1]
     print(f"done: step {run.step}, held-out PSNR {final['psnr']:.2f} dB; checkpoint in {args.run}")
     return 0
