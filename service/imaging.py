@@ -7,6 +7,7 @@ refused before it allocates anything. The limit is ours, per app; PIL's process-
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -125,3 +126,19 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float | None:
     """PSNR in dB between two uint8 images; None when they are identical (infinite PSNR)."""
     mse = float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2))
     return None if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile uint8 images [N, H, W, 3] into one uint8 image with white gutters.
+
+    ``columns`` None gives a near-square grid.
+    """
+    n, h, w, c = images.shape
+    columns = columns or math.ceil(math.sqrt(n))
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, q = divmod(i, columns)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y:y + h, x:x + w] = img
+    return grid

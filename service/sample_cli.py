@@ -8,7 +8,6 @@ seed, temperature, top_k and sampler), prints both paths and the timing. No torc
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from service.bundle import Bundle
+from service.imaging import image_grid
 from service.sampling import PriorSampler, noise_for
 
 
@@ -32,19 +32,6 @@ def decode(session, top: np.ndarray, bottom: np.ndarray) -> np.ndarray:
     """uint8 images [n, H, W, 3] from code grids, with the bundle's decoder graph."""
     feeds = {"top": top, "bottom": bottom}
     return session.run(None, {i.name: feeds[i.name] for i in session.get_inputs()})[0]
-
-
-def image_grid(images: np.ndarray, pad: int = 2) -> np.ndarray:
-    """uint8 [n, H, W, 3] -> one uint8 image with the n images in a near-square grid."""
-    n, h, w, c = images.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for idx, img in enumerate(images):
-        r, q = divmod(idx, cols)
-        y, x = pad + r * (h + pad), pad + q * (w + pad)
-        grid[y:y + h, x:x + w] = img
-    return grid
 
 
 def main(args) -> int:

@@ -10,16 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-
-def image_grid(images: np.ndarray, columns: int = 8, pad: int = 2) -> np.ndarray:
-    """Tile uint8 images [N, H, W, 3] into one uint8 image with white gutters."""
-    n, h, w, _ = images.shape
-    rows = -(-n // columns)
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = img
-    return grid
+from service.imaging import image_grid
 
 
 def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:
