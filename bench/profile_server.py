@@ -17,7 +17,7 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve_load  # noqa: E402
+import serve_load
 
 
 def summarise(raw: Path, top: int) -> None:

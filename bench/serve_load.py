@@ -2,11 +2,19 @@
 
     python bench/serve_load.py [--model artifacts/default] [--duration 10]
 
-For each mode (batching on: the default settings; batching off: VQTOK_MAX_BATCH=1) it starts a
-``vqtok serve`` subprocess and runs C clients (C in --concurrency) that each send one image, wait for
-the answer and send the next, for --duration seconds per point. It records throughput and p50/p99
-latency, then measures offline ONNX Runtime encode throughput (no HTTP, no PNG decoding) at each
-batch size with the same thread settings. Writes bench/results/serve_load.json and .png.
+For each mode it starts a ``vqtok serve`` subprocess and runs C clients (C in --concurrency) that
+each send one image, wait for the answer and send the next, for --duration seconds per point:
+
+- batching on: the server's default settings (on CPU, one stream of batches per core, each
+  ONNX Runtime session run on one thread);
+- batching off: the same with VQTOK_MAX_BATCH=1;
+- one stream: batching on, but one batch at a time on every core (VQTOK_STREAMS=1), the layout
+  the server used before streams.
+
+It records throughput, p50/p99 latency and CPU per request, then measures offline ONNX Runtime
+encode throughput (no HTTP, no PNG decoding) at each batch size for both layouts (one stream on
+every core; one single-threaded stream per core), and compares the served rate with the best of
+all of them. Writes bench/results/serve_load.json and .png.
 
 The load generator is a minimal keep-alive HTTP/1.1 client on raw asyncio streams with the request
 bytes built once, so that on a small machine the clients take as little CPU from the server as
@@ -24,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -155,7 +164,11 @@ def process_cpu_s(pid: int) -> float:
 
 def served(model: Path, blobs: list[bytes], concurrency: list[int], duration: float, warmup: float,
            env: dict[str, str]) -> list[dict]:
+    import httpx
+
     proc, port = start_server(model, env)
+    info = httpx.get(f"http://127.0.0.1:{port}/v1/model").json()
+    layout = {"streams": info["streams"], "intra_op_threads": info["intra_op_threads"]}
     requests = [encode_request(b, port) for b in blobs]
     rows = []
     try:
@@ -171,6 +184,7 @@ def served(model: Path, blobs: list[bytes], concurrency: list[int], duration: fl
             row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
             row["server_cpu_ms_per_request"] = 1000 * server_cpu / handled
             row["client_cpu_ms_per_request"] = 1000 * client_cpu / handled
+            row.update(layout)
             rows.append(row)
             print(f"  c={c:3d}  {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:.1f} ms  "
                   f"p99 {row['p99_ms']:.1f} ms  mean batch {row['mean_batch']:.1f}  errors {row['errors']}  "
@@ -185,26 +199,48 @@ def served(model: Path, blobs: list[bytes], concurrency: list[int], duration: fl
     return rows
 
 
-def offline(model: Path, images: np.ndarray, threads: int, duration: float) -> dict:
-    """ONNX Runtime alone: images/s at each batch size (same session settings as the server)."""
+def offline(model: Path, images: np.ndarray, layouts: dict[str, tuple[int, int]], duration: float) -> dict:
+    """ONNX Runtime alone: images/s at each batch size, for each (streams, threads) layout.
+
+    ``streams`` Python threads call one session concurrently, each run on ``threads`` intra-op
+    threads, with the server's session options.
+    """
     from service.backend import RuntimeConfig, open_session, session_options
 
-    cfg = RuntimeConfig(device="cpu", intra_op_threads=threads)
-    sess = open_session(str(Bundle.load(model).path("encoder")), cfg, session_options(cfg))
-    per_batch, cpu_ms = {}, {}
-    for b in (1, 2, 4, 8, 16, 32, 64):
-        batch = np.ascontiguousarray(np.resize(images, (b, *images.shape[1:])))
-        sess.run(None, {"images": batch})
-        n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
-        while time.perf_counter() - t0 < duration:
+    out: dict = {"layouts": {}}
+    for name, (streams, threads) in layouts.items():
+        cfg = RuntimeConfig(device="cpu", intra_op_threads=threads)
+        sess = open_session(str(Bundle.load(model).path("encoder")), cfg, session_options(cfg))
+        per_batch, cpu_ms = {}, {}
+        for b in (1, 2, 4, 8, 16, 32, 64):
+            batch = np.ascontiguousarray(np.resize(images, (b, *images.shape[1:])))
             sess.run(None, {"images": batch})
-            n += b
-        per_batch[b] = n / (time.perf_counter() - t0)
-        cpu_ms[b] = 1000 * (time.process_time() - cpu0) / n
-        print(f"  offline batch {b:3d}: {per_batch[b]:8.1f} images/s  cpu {cpu_ms[b]:.2f} ms/image", flush=True)
-    best = max(per_batch, key=per_batch.get)
-    return {"images_per_s": per_batch, "cpu_ms_per_image": cpu_ms, "best_batch": best,
-            "best_images_per_s": per_batch[best]}
+            counts = [0] * streams
+            stop = time.perf_counter() + duration
+
+            def stream(i: int) -> None:
+                while time.perf_counter() < stop:
+                    sess.run(None, {"images": batch})
+                    counts[i] += b
+
+            workers = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
+            t0, cpu0 = time.perf_counter(), time.process_time()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            per_batch[b] = sum(counts) / (time.perf_counter() - t0)
+            cpu_ms[b] = 1000 * (time.process_time() - cpu0) / sum(counts)
+            print(f"  offline {name} batch {b:3d}: {per_batch[b]:8.1f} images/s  cpu {cpu_ms[b]:.2f} ms/image",
+                  flush=True)
+        best = max(per_batch, key=per_batch.get)
+        out["layouts"][name] = {"streams": streams, "threads": threads, "images_per_s": per_batch,
+                                "cpu_ms_per_image": cpu_ms, "best_batch": best, "best_images_per_s": per_batch[best]}
+    best_layout = max(out["layouts"], key=lambda k: out["layouts"][k]["best_images_per_s"])
+    out["best_layout"] = best_layout
+    out["best_batch"] = out["layouts"][best_layout]["best_batch"]
+    out["best_images_per_s"] = out["layouts"][best_layout]["best_images_per_s"]
+    return out
 
 
 def plot(result: dict, path: Path) -> None:
@@ -214,15 +250,17 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode, style in (("batching_on", "o-"), ("batching_off", "s--")):
-        rows = result["served"][mode]
+    for mode, style in (("batching_on", "o-"), ("batching_off", "s--"), ("one_stream", "^:")):
+        rows = result["served"].get(mode)
+        if not rows:
+            continue
         xs = [r["concurrency"] for r in rows]
         ax1.plot(xs, [r["throughput_rps"] for r in rows], style, label=mode.replace("_", " "))
         ax2.plot(xs, [r["p99_ms"] for r in rows], style, label=f"{mode.replace('_', ' ')} p99")
         ax2.plot(xs, [r["p50_ms"] for r in rows], style, alpha=0.4, label=f"{mode.replace('_', ' ')} p50")
     best = result["offline"]
     ax1.axhline(best["best_images_per_s"], color="grey", ls=":",
-                label=f"offline ORT best (batch {best['best_batch']})")
+                label=f"offline ORT best ({best['best_layout']}, batch {best['best_batch']})")
     ticks = [r["concurrency"] for r in result["served"]["batching_on"]]
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
@@ -247,7 +285,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=list(DEFAULT_CONCURRENCY))
     p.add_argument("--max-batch", type=int, default=32, help="VQTOK_MAX_BATCH with batching on")
     p.add_argument("--max-delay-ms", type=float, default=None, help="VQTOK_MAX_DELAY_MS (default: the server's)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime intra-op threads")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_load.json")
     args = p.parse_args(argv)
     warmup = args.duration * 0.2 if args.warmup is None else args.warmup
@@ -255,30 +292,38 @@ def main(argv: list[str] | None = None) -> int:
     bundle = Bundle.load(args.model)
     images = smooth_images(64, bundle.image_size)
     blobs = [png(im) for im in images]
-    common = {"VQTOK_DEVICE": "cpu", "VQTOK_INTRA_OP_THREADS": str(args.threads), "VQTOK_API_KEYS": "",
+    cores = os.cpu_count() or 1
+    # Streams and threads are left to the server's defaults except in the one-stream mode.
+    common = {"VQTOK_DEVICE": "cpu", "VQTOK_API_KEYS": "", "VQTOK_STREAMS": "0", "VQTOK_INTRA_OP_THREADS": "0",
               "VQTOK_QUEUE_LIMIT": str(max(512, 4 * max(args.concurrency)))}
     if args.max_delay_ms is not None:
         common["VQTOK_MAX_DELAY_MS"] = str(args.max_delay_ms)
     modes = {"batching_on": {**common, "VQTOK_MAX_BATCH": str(args.max_batch)},
-             "batching_off": {**common, "VQTOK_MAX_BATCH": "1"}}
+             "batching_off": {**common, "VQTOK_MAX_BATCH": "1"},
+             "one_stream": {**common, "VQTOK_MAX_BATCH": str(args.max_batch), "VQTOK_STREAMS": "1"}}
     result: dict = {"model": bundle.name, "bundle": str(args.model), "image_size": bundle.image_size,
-                    "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-                    "duration_s": args.duration, "threads": args.threads, "max_batch": args.max_batch,
-                    "served": {}}
+                    "cpu_count": cores, "machine": platform.processor() or platform.machine(),
+                    "duration_s": args.duration, "max_batch": args.max_batch, "served": {}}
     for mode, env in modes.items():
         print(f"{mode}:", flush=True)
         result["served"][mode] = served(args.model, blobs, args.concurrency, args.duration, warmup, env)
     print("offline:", flush=True)
-    result["offline"] = offline(args.model, images, args.threads, max(args.duration / 4, 0.2))
+    layouts = {f"{cores} streams x 1 thread": (cores, 1), f"1 stream x {cores} threads": (1, cores)}
+    result["offline"] = offline(args.model, images, layouts, max(args.duration / 4, 0.2))
 
     on = {r["concurrency"]: r["throughput_rps"] for r in result["served"]["batching_on"]}
     off = {r["concurrency"]: r["throughput_rps"] for r in result["served"]["batching_off"]}
     ref = 32 if 32 in on else max(on)
+    first = result["served"]["batching_on"][0]
     result["summary"] = {
         "concurrency": ref,
         "speedup_on_vs_off": on[ref] / off[ref] if off.get(ref) else None,
         "best_served_images_per_s": max(on.values()),
         "served_fraction_of_offline_best": max(on.values()) / result["offline"]["best_images_per_s"],
+        "offline_best_layout": result["offline"]["best_layout"],
+        "offline_best_batch1_fraction": max(v["images_per_s"][1] for v in result["offline"]["layouts"].values())
+        / result["offline"]["best_images_per_s"],
+        "server_layout": {"streams": first["streams"], "intra_op_threads": first["intra_op_threads"]},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
+from service.auth import ApiKeyAuth, document_security
 from service.backend import CUDA, Backend, OrtBackend, RuntimeConfig
 from service.bundle import Bundle
 from service.config import Settings
@@ -55,6 +56,8 @@ def model_info(state: ServiceState) -> dict[str, Any]:
         "provider": provider,
         "device": "cuda" if provider == CUDA else "cpu",
         "sampler": getattr(backend, "sampler_method", None),
+        "streams": state.engine.streams,
+        "intra_op_threads": s.intra_op_threads,
         "limits": {"max_batch": s.max_batch, "max_delay_ms": state.engine.max_delay_ms, "sample_max_batch": s.sample_max_batch,
                    "queue_limit": s.queue_limit, "request_timeout_s": s.request_timeout_s, "max_items": s.max_items,
                    "max_body_bytes": s.max_body_bytes, "max_image_pixels": s.max_image_pixels,
@@ -96,9 +99,9 @@ def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None
         state.engine = Engine(state.backend, settings, metrics)
         state.engine.start()
         state.model_info = model_info(state)
-        log.info("serving bundle %r from %s on %s (max batch %d, max delay %g ms, %d ORT threads)",
+        log.info("serving bundle %r from %s on %s (max batch %d, max delay %g ms, %d streams of %d ORT threads)",
                  bundle.name, bundle.root, state.backend.provider, settings.max_batch, state.engine.max_delay_ms,
-                 settings.intra_op_threads)
+                 state.engine.streams, settings.intra_op_threads)
         warm = asyncio.create_task(_warm_up(state))
         try:
             yield
@@ -108,12 +111,14 @@ def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None
 
     app = FastAPI(title="vqtok", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.vqtok = state
-    app.state.api_keys = [k.encode() for k in settings.api_keys]
     install_handlers(app)
     app.include_router(health)
     app.include_router(v1)
+    # Added last = outermost: metrics see every status, and the key is checked before the body limit.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(RequestMetrics, metrics=metrics)  # added last = outermost: sees every status
+    app.add_middleware(ApiKeyAuth, keys=settings.api_keys)
+    app.add_middleware(RequestMetrics, metrics=metrics,
+                       endpoints=frozenset(route.path for route in (*health.routes, *v1.routes)))
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -121,6 +126,7 @@ def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None
             _, defs = models_json_schema([(m, "validation") for m in EXTRA_SCHEMAS],
                                          ref_template="#/components/schemas/{model}")
             schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            document_security(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

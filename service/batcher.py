@@ -4,8 +4,10 @@ A request is a list of items (images, code grids, samples). ``Batcher.run`` grou
 key (the input shape: only equal shapes stack into one tensor), splits each group into chunks of at
 most ``max_batch`` items and queues the chunks as jobs. The owning task closes a batch when a key
 has ``max_batch`` items waiting, or when the oldest waiting job is ``max_delay`` old, and runs the
-batch function in its own thread so the event loop keeps accepting requests meanwhile. While one
-batch runs the next one fills up, which is what makes batches grow under load.
+batch function in a worker thread so the event loop keeps accepting requests meanwhile. Up to
+``streams`` batches run at once; while all of them run the queue fills up, which is what makes
+batches grow under load. (On a CPU, several single-threaded batches at once beat one batch on
+every core: ONNX Runtime's intra-op threads wait on each other after every operator.)
 
 Failure isolation: an exception in the batch function fails that batch's jobs only. A job whose
 request has gone (client disconnected, deadline passed) is cancelled and leaves the queue at once.
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded, PayloadTooLarge
-from service.metrics import Metrics
+from service.metrics import Metrics, OpMetrics
 
 log = logging.getLogger("vqtok.service")
 
@@ -35,6 +37,7 @@ class BatcherConfig:
     max_delay_s: float = 0.005
     queue_limit: int = 512  # items waiting (not yet running)
     retry_after_s: int = 1
+    streams: int = 1  # batches running at once, each in its own thread
 
 
 @dataclass(eq=False)
@@ -49,14 +52,14 @@ class Batcher:
     def __init__(self, name: str, fn: BatchFn, key: Callable[[Any], Hashable], config: BatcherConfig,
                  metrics: Metrics | None = None):
         self.name, self.fn, self.key, self.config = name, fn, key, config
-        self.metrics = metrics
+        self.metrics: OpMetrics | None = metrics.for_op(name) if metrics is not None else None
         self._queues: dict[Hashable, deque[_Job]] = {}
         self._counts: dict[Hashable, int] = {}
         self._depth = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
-        # One thread per operation: batches of one op run one after another, different ops overlap.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"vqtok-{name}")
+        self._running: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(max_workers=config.streams, thread_name_prefix=f"vqtok-{name}")
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -71,6 +74,10 @@ class Batcher:
             except asyncio.CancelledError:
                 pass
             self._task = None
+        running = list(self._running)
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
         for queue in self._queues.values():
             for job in queue:
                 if not job.future.done():
@@ -156,7 +163,7 @@ class Batcher:
     def _set_depth(self, depth: int) -> None:
         self._depth = depth
         if self.metrics is not None:
-            self.metrics.queue_depth.labels(self.name).set(depth)
+            self.metrics.queue_depth.set(depth)
 
     # -- the owning task ------------------------------------------------------------------------
     def _ready_key(self, now: float) -> tuple[bool, Hashable, float | None]:
@@ -183,38 +190,49 @@ class Batcher:
             jobs.append(job)
         return jobs
 
-    async def _loop(self) -> None:
+    async def _next_key(self) -> Hashable:
+        """Wait until some key's batch is due (full, or its oldest job has waited max_delay)."""
         while True:
             ready, key, wait = self._ready_key(time.perf_counter())
-            if not ready:
-                self._wakeup.clear()
-                try:
-                    async with asyncio.timeout(wait):
-                        await self._wakeup.wait()
-                except TimeoutError:
-                    pass
-                continue
-            jobs = self._take(key)
+            if ready:
+                return key
+            self._wakeup.clear()
             try:
-                await self._execute(jobs)
-            except asyncio.CancelledError:  # shutting down mid-batch: nobody will set these results
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(NotReady("the server is shutting down", code="shutting_down"))
-                raise
-            except Exception:  # the owning task must outlive any one batch
-                log.exception("%s batcher: unexpected error", self.name)
-                for job in jobs:
-                    if not job.future.done():
-                        job.future.set_exception(InferenceFailed(f"{self.name} failed"))
+                async with asyncio.timeout(wait):
+                    await self._wakeup.wait()
+            except TimeoutError:
+                pass
+
+    async def _loop(self) -> None:
+        streams = asyncio.Semaphore(self.config.streams)
+        while True:
+            # A free stream first, then the batch: while every stream is busy the queue keeps filling.
+            await streams.acquire()
+            jobs = self._take(await self._next_key())
+            if not jobs:  # every job of that key had been cancelled
+                streams.release()
+                continue
+            task = asyncio.create_task(self._run_batch(jobs), name=f"batch-{self.name}")
+            self._running.add(task)
+            task.add_done_callback(lambda t: (self._running.discard(t), streams.release()))
+
+    async def _run_batch(self, jobs: list[_Job]) -> None:
+        try:
+            await self._execute(jobs)
+        except asyncio.CancelledError:  # shutting down mid-batch: nobody will set these results
+            _fail(jobs, NotReady("the server is shutting down", code="shutting_down"))
+            raise
+        except Exception:  # a batch task must never leave its requests waiting
+            log.exception("%s batcher: unexpected error", self.name)
+            _fail(jobs, InferenceFailed(f"{self.name} failed"))
 
     async def _execute(self, jobs: list[_Job]) -> None:
         items = [item for job in jobs for item in job.items]
         start = time.perf_counter()
         if self.metrics is not None:
-            self.metrics.batch_size.labels(self.name).observe(len(items))
+            self.metrics.batch_size.observe(len(items))
             for job in jobs:
-                self.metrics.queue_time.labels(self.name).observe(start - job.enqueued)
+                self.metrics.queue_time.observe(start - job.enqueued)
         loop = asyncio.get_running_loop()
         try:
             results = await loop.run_in_executor(self._executor, self.fn, items)
@@ -223,17 +241,21 @@ class Batcher:
         except Exception as e:  # whatever the batch raised fails this batch only
             log.exception("%s batch of %d items failed", self.name, len(items))
             if self.metrics is not None:
-                self.metrics.batch_failures.labels(self.name).inc()
-            for job in jobs:
-                if not job.future.done():
-                    job.future.set_exception(InferenceFailed(f"{self.name} failed ({type(e).__name__})"))
+                self.metrics.batch_failures.inc()
+            _fail(jobs, InferenceFailed(f"{self.name} failed ({type(e).__name__})"))
             return
         finally:
             if self.metrics is not None:
-                self.metrics.inference_time.labels(self.name).observe(time.perf_counter() - start)
+                self.metrics.inference_time.observe(time.perf_counter() - start)
         offset = 0
         for job in jobs:
             part = results[offset:offset + len(job.items)]
             offset += len(job.items)
             if not job.future.done():
                 job.future.set_result(part)
+
+
+def _fail(jobs: list[_Job], error: Exception) -> None:
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(error)

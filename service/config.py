@@ -44,7 +44,10 @@ class Settings(BaseSettings):
     max_native_pixels: int = Field(1024 * 1024, ge=1)
     max_items: int = Field(64, ge=1)
 
-    # ONNX Runtime. 0 intra-op threads means one per CPU core; spinning burns idle cores.
+    # ONNX Runtime. Each operation runs up to `streams` batches at once, each on `intra_op_threads`
+    # threads. 0 is auto: on CPU one stream per core with one thread each, which beats one stream on
+    # every core (bench/serve_load.py measures both); on CUDA one stream. Spinning burns idle cores.
+    streams: int = Field(0, ge=0)
     intra_op_threads: int = Field(0, ge=0)
     inter_op_threads: int = Field(1, ge=1)
     ort_spinning: bool = False
@@ -70,8 +73,15 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _threads(self) -> Settings:
         if self.intra_op_threads == 0:
-            self.intra_op_threads = os.cpu_count() or 1
+            cores = os.cpu_count() or 1
+            self.intra_op_threads = max(1, cores // (self.streams or cores))
         return self
+
+    def streams_for(self, provider: str) -> int:
+        """Batches each operation runs at once on an execution provider."""
+        if self.streams:
+            return self.streams
+        return 1 if provider == "CUDAExecutionProvider" else os.cpu_count() or 1
 
     def batch_delay_ms(self, provider: str) -> float:
         """The max delay in effect for an execution provider."""

@@ -36,16 +36,17 @@ class Engine:
         self.backend = backend
         self.levels = [lv["name"] for lv in backend.bundle.manifest["levels"]]
         self.max_delay_ms = settings.batch_delay_ms(backend.provider)
+        self.streams = settings.streams_for(backend.provider)
         delay = self.max_delay_ms / 1000.0
-        cfg = BatcherConfig(max_batch=settings.max_batch, max_delay_s=delay,
-                            queue_limit=settings.queue_limit, retry_after_s=settings.retry_after_s)
+        cfg = BatcherConfig(max_batch=settings.max_batch, max_delay_s=delay, queue_limit=settings.queue_limit,
+                            retry_after_s=settings.retry_after_s, streams=self.streams)
         self.encoder = Batcher("encode", self._encode_batch, _shape_key, cfg, metrics)
         self.decoder = Batcher("decode", self._decode_batch, _codes_key, cfg, metrics)
         self.sampler: Batcher | None = None
         if backend.can_sample:
             sample_cfg = BatcherConfig(max_batch=settings.sample_max_batch, max_delay_s=delay,
                                        queue_limit=max(settings.queue_limit, settings.sample_max_batch),
-                                       retry_after_s=settings.retry_after_s)
+                                       retry_after_s=settings.retry_after_s, streams=self.streams)
             self.sampler = Batcher("sample", self._sample_batch, _same_key, sample_cfg, metrics)
 
     @property

@@ -1,5 +1,5 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware: it would buffer bodies and break disconnect
-detection): a request body limit, and per-request metrics."""
+detection): a request body limit, and per-request metrics. The API-key check is in ``auth``."""
 from __future__ import annotations
 
 import json
@@ -27,7 +27,7 @@ class BodyLimit:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    return await _send_json(send, 413, error_body(
+                    return await send_json(send, 413, error_body(
                         "payload_too_large", f"request body exceeds {self.max_bytes} bytes"))
                 break
         seen = 0
@@ -46,10 +46,24 @@ class BodyLimit:
 
 
 class RequestMetrics:
-    """Counts requests by endpoint (the route's path template) and status, and times them."""
+    """Counts requests by endpoint (the route's path) and status, and times them.
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+    The endpoint label is the request path when it is one of ``endpoints`` (the API's routes, all
+    static paths), so requests answered before routing (401, 413) still count under their
+    endpoint; anything else is "unmatched", which keeps the label set bounded.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, endpoints: frozenset[str]):
+        self.app, self.metrics, self.endpoints = app, metrics, endpoints
+        self._children: dict[tuple[str, int], tuple] = {}  # label lookups cost more than the increments
+
+    def _observe(self, endpoint: str, status: int, seconds: float) -> None:
+        children = self._children.get((endpoint, status))
+        if children is None:
+            children = (self.metrics.requests.labels(endpoint, str(status)), self.metrics.latency.labels(endpoint))
+            self._children[(endpoint, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -69,14 +83,13 @@ class RequestMetrics:
             status = 500
             raise
         finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"  # bounded label set
-            self.metrics.requests.labels(endpoint, str(status)).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+            endpoint = scope["path"] if scope["path"] in self.endpoints else "unmatched"
+            self._observe(endpoint, status, time.perf_counter() - start)
 
 
-async def _send_json(send: Send, status: int, body: dict) -> None:
+async def send_json(send: Send, status: int, body: dict, headers: dict[str, str] | None = None) -> None:
     data = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": data})

@@ -142,6 +142,8 @@ class ModelInfo(BaseModel):
     provider: str
     device: str
     sampler: str | None
+    streams: int = Field(description="batches each operation runs at once")
+    intra_op_threads: int = Field(description="ONNX Runtime threads per batch")
     limits: LimitsInfo
     parity: dict[str, Any]
     metrics: dict[str, Any]

@@ -42,6 +42,14 @@ async def serving(bundle_dir: Path, backend=None, **overrides):
             yield app, client
 
 
+async def eventually(condition, timeout: float = 20.0) -> None:
+    """Poll ``condition`` until it holds; fail (instead of hanging the suite) after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition never held"
+        await asyncio.sleep(0.005)
+
+
 def run(coro):
     return asyncio.run(coro)
 

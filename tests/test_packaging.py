@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint comes with the [dev] extra")
 def test_dockerfile_lints_clean():
-    result = subprocess.run(["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    result = subprocess.run(["hadolint", str(ROOT / "Dockerfile")], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

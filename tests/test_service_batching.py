@@ -8,12 +8,12 @@ import threading
 import numpy as np
 import pytest
 from conftest import random_images
-from service_support import image_files, metric_value, png_bytes, run, serving
+from service_support import eventually, image_files, metric_value, png_bytes, run, serving
 
 from service.backend import OrtBackend, RuntimeConfig
 from service.batcher import Batcher, BatcherConfig
 from service.bundle import Bundle
-from service.errors import InferenceFailed, Overloaded, PayloadTooLarge
+from service.errors import InferenceFailed, NotReady, Overloaded, PayloadTooLarge
 
 
 class Recorder:
@@ -54,8 +54,7 @@ def test_batches_group_by_key_split_requests_and_keep_order():
         await asyncio.to_thread(fn.entered.wait, 30)
         items = [("a", i) if i % 3 else ("b", i) for i in range(10)]
         work = asyncio.ensure_future(b.run(items))
-        while b.depth < 10:
-            await asyncio.sleep(0.005)
+        await eventually(lambda: b.depth == 10)
         fn.gate.set()
         out = await work
         await hold
@@ -69,6 +68,32 @@ def test_batches_group_by_key_split_requests_and_keep_order():
     run(main())
 
 
+def test_streams_run_batches_at_once_and_stop_fails_the_running_ones():
+    together = threading.Barrier(2, timeout=10)
+
+    def both_inside(items):  # returns only while another batch is inside at the same time
+        together.wait()
+        return [("done", item) for item in items]
+
+    held = Recorder()
+
+    async def main():
+        b = await _started(both_inside, max_batch=1, streams=2)
+        assert await asyncio.gather(b.run(["a"]), b.run(["b"])) == [[("done", "a")], [("done", "b")]]
+        await b.stop()
+
+        b = await _started(held, streams=2)
+        held.gate.clear()
+        running = asyncio.ensure_future(b.run(["x"]))
+        await asyncio.to_thread(held.entered.wait, 30)
+        await b.stop()
+        with pytest.raises(NotReady):
+            await running
+        held.gate.set()
+
+    run(main())
+
+
 def test_cancelled_requests_leave_the_queue_and_never_run():
     fn = Recorder()
 
@@ -78,8 +103,7 @@ def test_cancelled_requests_leave_the_queue_and_never_run():
         first = asyncio.ensure_future(b.run(["first"]))
         await asyncio.to_thread(fn.entered.wait, 30)
         gone = asyncio.ensure_future(b.run(["gone-1", "gone-2"]))  # two jobs of max_batch 1
-        while b.depth < 2:
-            await asyncio.sleep(0.005)
+        await eventually(lambda: b.depth == 2)
         gone.cancel()  # what the router does when the client disconnects
         with pytest.raises(asyncio.CancelledError):
             await gone
@@ -109,8 +133,7 @@ def test_exceptions_fail_only_their_batch_and_limits_are_enforced():
         running = asyncio.ensure_future(b.run(["r"]))
         await asyncio.to_thread(fn.entered.wait, 30)
         queued = asyncio.ensure_future(b.run(["q1", "q2", "q3"]))
-        while b.depth < 3:
-            await asyncio.sleep(0.005)
+        await eventually(lambda: b.depth == 3)
         with pytest.raises(Overloaded):
             await b.run(["one too many"])
         fn.gate.set()

@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import pytest
 from conftest import random_images
-from service_support import image_files, metric_value, png_bytes, run, serving
+from service_support import eventually, image_files, metric_value, png_bytes, run, serving
 
 from service.backend import OrtBackend, RuntimeConfig
 from service.bundle import Bundle
@@ -44,6 +44,11 @@ def _decode_body(top=None, bottom=None):
                        else _grid(8, 8)}]}
 
 
+def _multipart(blob: bytes, boundary: str = "b0undary") -> bytes:
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + blob + f"\r\n--{boundary}--\r\n".encode()
+
+
 # (name, request kwargs, status, error code, text the message must contain)
 BAD = [
     ("garbage bytes", {"url": "/v1/encode", "files": image_files([b"definitely not an image"])}, 400,
@@ -63,6 +68,14 @@ BAD = [
     ("no images", {"url": "/v1/encode", "json": {"images": []}}, 422, "invalid_request", "images"),
     ("multipart without images", {"url": "/v1/encode", "files": [("other", ("a.png", GOOD, "image/png"))]}, 422,
      "invalid_request", "images"),
+    ("images as a text field", {"url": "/v1/encode", "data": {"images": "x"}, "files": image_files([GOOD])}, 422,
+     "invalid_request", "file part"),
+    ("multipart cut short", {"url": "/v1/encode", "content": _multipart(GOOD)[:-40],
+                             "headers": {"content-type": "multipart/form-data; boundary=b0undary"}}, 400,
+     "invalid_multipart", "closing boundary"),
+    ("multipart without a boundary", {"url": "/v1/encode", "content": _multipart(GOOD),
+                                      "headers": {"content-type": "multipart/form-data"}}, 400,
+     "invalid_multipart", "boundary"),
     ("fit=none, not a multiple of 8", {"url": "/v1/encode", "params": {"fit": "none"},
                                            "files": image_files([png_bytes(np.zeros((30, 32, 3), np.uint8))])},
      422, "invalid_size", "multiples of 8"),
@@ -137,6 +150,12 @@ def test_limits(tiny_bundle, backend):
             small = png_bytes(np.full((32, 32, 3), 90, np.uint8))
             r = await c.post("/v1/encode", files=image_files([small] * 4))
             assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_items"
+            # Parts are counted while parsing: a flood of tiny parts is refused before it piles up.
+            flood = b"".join(b"--b0undary\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n\r\n"
+                             for _ in range(40)) + b"--b0undary--\r\n"
+            r = await c.post("/v1/encode", content=flood,
+                             headers={"content-type": "multipart/form-data; boundary=b0undary"})
+            assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_items"
             r = await c.post("/v1/decode", json={"items": [{"top": _grid(8, 8), "bottom": _grid(16, 16)}]})
             assert r.status_code == 422 and "items[0]" in r.json()["error"]["message"]
             r = await c.post("/v1/encode", params={"fit": "none"},
@@ -193,7 +212,8 @@ def test_full_queue_is_503_and_deadline_is_504(tiny_bundle, backend):
     flaky = Flaky(backend)
 
     async def main():
-        async with serving(tiny_bundle, flaky, max_batch=1, queue_limit=2, max_delay_ms=0,
+        # One stream: the batch held in the backend stops the queue from draining.
+        async with serving(tiny_bundle, flaky, max_batch=1, queue_limit=2, max_delay_ms=0, streams=1,
                            request_timeout_s=30) as (app, c):
             flaky.gate.clear()
             flaky.entered.clear()
@@ -201,8 +221,7 @@ def test_full_queue_is_503_and_deadline_is_504(tiny_bundle, backend):
             await asyncio.to_thread(flaky.entered.wait, 30)  # one batch is in the backend, blocked
             queued = [asyncio.ensure_future(c.post("/v1/encode", files=image_files([GOOD]))) for _ in range(2)]
             engine = app.state.vqtok.engine
-            while engine.encoder.depth < 2:
-                await asyncio.sleep(0.01)
+            await eventually(lambda: engine.encoder.depth == 2)
             r = await c.post("/v1/encode", files=image_files([GOOD]))
             assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
             assert r.headers["retry-after"] == "1"
