@@ -199,6 +199,26 @@ def served(model: Path, blobs: list[bytes], concurrency: list[int], duration: fl
     return rows
 
 
+def run_streams(sess, batch: np.ndarray, streams: int, duration: float) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of ``streams`` threads running ``batch`` through ``sess`` at once."""
+    counts = [0] * streams
+    stop = time.perf_counter() + duration
+
+    def stream(i: int) -> None:
+        while time.perf_counter() < stop:
+            sess.run(None, {"images": batch})
+            counts[i] += len(batch)
+
+    workers = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
+    t0, cpu0 = time.perf_counter(), time.process_time()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    n = sum(counts)
+    return n / (time.perf_counter() - t0), 1000 * (time.process_time() - cpu0) / n
+
+
 def offline(model: Path, images: np.ndarray, layouts: dict[str, tuple[int, int]], duration: float) -> dict:
     """ONNX Runtime alone: images/s at each batch size, for each (streams, threads) layout.
 
@@ -215,22 +235,7 @@ def offline(model: Path, images: np.ndarray, layouts: dict[str, tuple[int, int]]
         for b in (1, 2, 4, 8, 16, 32, 64):
             batch = np.ascontiguousarray(np.resize(images, (b, *images.shape[1:])))
             sess.run(None, {"images": batch})
-            counts = [0] * streams
-            stop = time.perf_counter() + duration
-
-            def stream(i: int) -> None:
-                while time.perf_counter() < stop:
-                    sess.run(None, {"images": batch})
-                    counts[i] += b
-
-            workers = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
-            t0, cpu0 = time.perf_counter(), time.process_time()
-            for w in workers:
-                w.start()
-            for w in workers:
-                w.join()
-            per_batch[b] = sum(counts) / (time.perf_counter() - t0)
-            cpu_ms[b] = 1000 * (time.process_time() - cpu0) / sum(counts)
+            per_batch[b], cpu_ms[b] = run_streams(sess, batch, streams, duration)
             print(f"  offline {name} batch {b:3d}: {per_batch[b]:8.1f} images/s  cpu {cpu_ms[b]:.2f} ms/image",
                   flush=True)
         best = max(per_batch, key=per_batch.get)
