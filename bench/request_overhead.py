@@ -6,7 +6,9 @@ path with an instant backend, and of a bare uvicorn app under the same load.
 1. In-process: the real app (middleware, routing, multipart, PNG decoding, batcher, JSON answer)
    driven directly through ASGI by 32 concurrent tasks, with a backend that returns zero codes at
    once. Best of three rounds of CPU time per request.
-2. Floor: a bare ASGI app that reads the body and answers a fixed JSON, served by uvicorn (the
+2. The same with the real ONNX Runtime backend (default streams and threads), next to the model's
+   own CPU per image offline in that layout: what running both in one process adds.
+3. Floor: a bare ASGI app that reads the body and answers a fixed JSON, served by uvicorn (the
    server's own HTTP stack), loaded by serve_load's closed-loop client at concurrency 32.
 
 ``--src`` imports ``service`` from another checkout (to measure an older version of the request
@@ -71,16 +73,18 @@ def split_request(raw: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
     return [(k.lower(), v) for k, v in headers], body
 
 
-async def in_process(model: Path, raw_request: bytes, n: int, concurrency: int) -> float:
+def settings_for(model: Path):
+    from service.config import Settings
+
+    return Settings(model_dir=model, device="cpu", api_keys=[], queue_limit=4096, log_level="warning")
+
+
+async def in_process(model: Path, raw_request: bytes, n: int, concurrency: int, backend) -> float:
     from asgi_lifespan import LifespanManager
 
     from service.app import create_app
-    from service.bundle import Bundle
-    from service.config import Settings
 
-    bundle = Bundle.load(model)
-    settings = Settings(model_dir=model, device="cpu", api_keys=[], queue_limit=4096, log_level="warning")
-    app = create_app(settings, bundle=bundle, backend=InstantBackend(bundle))
+    app = create_app(settings_for(model), bundle=backend.bundle, backend=backend)
     headers, body = split_request(raw_request)
 
     async def one() -> None:
@@ -160,8 +164,20 @@ def main(argv: list[str] | None = None) -> int:
     blob = serve_load.png(serve_load.smooth_images(1, size)[0])
     import uvloop
 
-    ms = uvloop.run(in_process(args.model, serve_load.encode_request(blob, 8000), args.requests, 32))
+    from service.app import load_backend
+    from service.bundle import Bundle
+
+    bundle = Bundle.load(args.model)
+    request = serve_load.encode_request(blob, 8000)
+    ms = uvloop.run(in_process(args.model, request, args.requests, 32, InstantBackend(bundle)))
     print(f"in-process request path: {ms:.3f} CPU ms per request", flush=True)
+    backend = load_backend(bundle, settings_for(args.model))
+    with_model = uvloop.run(in_process(args.model, request, args.requests // 2, 32, backend))
+    print(f"in-process with the model: {with_model:.3f} CPU ms per request", flush=True)
+    streams = settings_for(args.model).streams_for(backend.provider)
+    batch = np.stack([serve_load.smooth_images(1, size)[0]] * 4)
+    _, model_ms = serve_load.run_streams(backend.sessions["encoder"], batch, streams, 3.0)
+    print(f"model alone ({streams} streams, batch 4): {model_ms:.3f} CPU ms per image", flush=True)
     bare = floor(lambda port: serve_load.encode_request(blob, port), 4.0, 32)
     print(f"bare uvicorn: {bare['server_cpu_ms_per_request']:.3f} CPU ms per request "
           f"({bare['throughput_rps']:.0f} req/s)", flush=True)
@@ -173,7 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                            text=True, check=False).stdout.strip()
     result = {"service_from": str(Path(service.__file__).parent), "commit": commit + ("+changes" if dirty else ""),
               "png_bytes": len(blob), "requests": args.requests,
-              "in_process_cpu_ms_per_request": ms, "bare_uvicorn": bare}
+              "in_process_cpu_ms_per_request": ms, "in_process_with_model_cpu_ms_per_request": with_model,
+              "model_alone_cpu_ms_per_image": model_ms, "model_alone_layout": {"streams": streams, "batch": 4},
+              "bare_uvicorn": bare}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
