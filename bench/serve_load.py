@@ -6,10 +6,10 @@ For each mode it starts a ``vqtok serve`` subprocess and runs C clients (C in --
 each send one image, wait for the answer and send the next, for --duration seconds per point:
 
 - batching on: the server's default settings (on CPU, one stream of batches per core, each
-  ONNX Runtime session run on one thread);
+  ONNX Runtime session run on one thread, batches of at most 8);
 - batching off: the same with VQTOK_MAX_BATCH=1;
-- one stream: batching on, but one batch at a time on every core (VQTOK_STREAMS=1), the layout
-  the server used before streams.
+- one stream: one batch of at most 32 at a time on every core (VQTOK_STREAMS=1), the server's
+  layout and defaults before streams.
 
 It records throughput, p50/p99 latency and CPU per request, then measures offline ONNX Runtime
 encode throughput (no HTTP, no PNG decoding) at each batch size for both layouts (one stream on
@@ -168,7 +168,8 @@ def served(model: Path, blobs: list[bytes], concurrency: list[int], duration: fl
 
     proc, port = start_server(model, env)
     info = httpx.get(f"http://127.0.0.1:{port}/v1/model").json()
-    layout = {"streams": info["streams"], "intra_op_threads": info["intra_op_threads"]}
+    layout = {"streams": info["streams"], "intra_op_threads": info["intra_op_threads"],
+              "max_batch": info["limits"]["max_batch"]}
     requests = [encode_request(b, port) for b in blobs]
     rows = []
     try:
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=None, help="unmeasured seconds per point (default 20%%)")
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=list(DEFAULT_CONCURRENCY))
-    p.add_argument("--max-batch", type=int, default=32, help="VQTOK_MAX_BATCH with batching on")
+    p.add_argument("--max-batch", type=int, default=None, help="VQTOK_MAX_BATCH with batching on (default: the server's)")
     p.add_argument("--max-delay-ms", type=float, default=None, help="VQTOK_MAX_DELAY_MS (default: the server's)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_load.json")
     args = p.parse_args(argv)
@@ -303,12 +304,14 @@ def main(argv: list[str] | None = None) -> int:
               "VQTOK_QUEUE_LIMIT": str(max(512, 4 * max(args.concurrency)))}
     if args.max_delay_ms is not None:
         common["VQTOK_MAX_DELAY_MS"] = str(args.max_delay_ms)
-    modes = {"batching_on": {**common, "VQTOK_MAX_BATCH": str(args.max_batch)},
+    on = {**common, **({"VQTOK_MAX_BATCH": str(args.max_batch)} if args.max_batch else {})}
+    modes = {"batching_on": on,
              "batching_off": {**common, "VQTOK_MAX_BATCH": "1"},
-             "one_stream": {**common, "VQTOK_MAX_BATCH": str(args.max_batch), "VQTOK_STREAMS": "1"}}
+             # The layout before streams, with its max batch then (32).
+             "one_stream": {**common, "VQTOK_MAX_BATCH": str(args.max_batch or 32), "VQTOK_STREAMS": "1"}}
     result: dict = {"model": bundle.name, "bundle": str(args.model), "image_size": bundle.image_size,
                     "cpu_count": cores, "machine": platform.processor() or platform.machine(),
-                    "duration_s": args.duration, "max_batch": args.max_batch, "served": {}}
+                    "duration_s": args.duration, "served": {}}
     for mode, env in modes.items():
         print(f"{mode}:", flush=True)
         result["served"][mode] = served(args.model, blobs, args.concurrency, args.duration, warmup, env)
@@ -328,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         "offline_best_layout": result["offline"]["best_layout"],
         "offline_best_batch1_fraction": max(v["images_per_s"][1] for v in result["offline"]["layouts"].values())
         / result["offline"]["best_images_per_s"],
-        "server_layout": {"streams": first["streams"], "intra_op_threads": first["intra_op_threads"]},
+        "server_layout": {k: first[k] for k in ("streams", "intra_op_threads", "max_batch")},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

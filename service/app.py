@@ -34,9 +34,10 @@ Requests are batched dynamically per operation; errors are always `{"error": {"c
 
 
 def runtime_config(settings: Settings) -> RuntimeConfig:
+    # The provider is not known yet: warm up the largest batch any provider would run (cheap on CPU).
     return RuntimeConfig(device=settings.device, intra_op_threads=settings.intra_op_threads,
                          inter_op_threads=settings.inter_op_threads, spinning=settings.ort_spinning,
-                         sampler=settings.sampler, warmup_batch=settings.max_batch)
+                         sampler=settings.sampler, warmup_batch=settings.batch_size("CUDAExecutionProvider"))
 
 
 def load_backend(bundle: Bundle, settings: Settings) -> OrtBackend:
@@ -58,7 +59,7 @@ def model_info(state: ServiceState) -> dict[str, Any]:
         "sampler": getattr(backend, "sampler_method", None),
         "streams": state.engine.streams,
         "intra_op_threads": s.intra_op_threads,
-        "limits": {"max_batch": s.max_batch, "max_delay_ms": state.engine.max_delay_ms, "sample_max_batch": s.sample_max_batch,
+        "limits": {"max_batch": state.engine.max_batch, "max_delay_ms": state.engine.max_delay_ms, "sample_max_batch": s.sample_max_batch,
                    "queue_limit": s.queue_limit, "request_timeout_s": s.request_timeout_s, "max_items": s.max_items,
                    "max_body_bytes": s.max_body_bytes, "max_image_pixels": s.max_image_pixels,
                    "max_native_pixels": s.max_native_pixels, "size_multiple": bundle.size_multiple},
@@ -100,7 +101,7 @@ def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None
         state.engine.start()
         state.model_info = model_info(state)
         log.info("serving bundle %r from %s on %s (max batch %d, max delay %g ms, %d streams of %d ORT threads)",
-                 bundle.name, bundle.root, state.backend.provider, settings.max_batch, state.engine.max_delay_ms,
+                 bundle.name, bundle.root, state.backend.provider, state.engine.max_batch, state.engine.max_delay_ms,
                  state.engine.streams, settings.intra_op_threads)
         warm = asyncio.create_task(_warm_up(state))
         try:

@@ -25,9 +25,12 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     # Batching. A batch closes at max_batch items or max_delay_ms after its oldest request arrived.
-    # Unset: 0 on CPU, where ORT gains little from big batches, so the batch is simply what queued
-    # while the previous one ran (no added latency at low load); 2 ms on CUDA, where it gains a lot.
-    max_batch: int = Field(32, ge=1)
+    # Unset, they follow the provider. On CPU, where ORT's cost per image hardly depends on the batch
+    # size, the batch is simply what queued while the streams were busy (delay 0: no added latency
+    # at low load), capped at 8 because a bigger batch on one thread only makes its requests wait
+    # longer (bench/serve_load.py: same throughput, p99 -21 % at 32 clients). On CUDA, where batching pays,
+    # 2 ms and 32.
+    max_batch: int | None = Field(None, ge=1)
     max_delay_ms: float | None = Field(None, ge=0)
     sample_max_batch: int = Field(64, ge=1)  # sampling batches the n of concurrent requests
     queue_limit: int = Field(512, ge=1)  # items (images, grids, samples) waiting per operation
@@ -82,6 +85,12 @@ class Settings(BaseSettings):
         if self.streams:
             return self.streams
         return 1 if provider == "CUDAExecutionProvider" else os.cpu_count() or 1
+
+    def batch_size(self, provider: str) -> int:
+        """The max batch in effect for an execution provider."""
+        if self.max_batch is not None:
+            return self.max_batch
+        return 32 if provider == "CUDAExecutionProvider" else 8
 
     def batch_delay_ms(self, provider: str) -> float:
         """The max delay in effect for an execution provider."""

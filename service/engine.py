@@ -37,8 +37,9 @@ class Engine:
         self.levels = [lv["name"] for lv in backend.bundle.manifest["levels"]]
         self.max_delay_ms = settings.batch_delay_ms(backend.provider)
         self.streams = settings.streams_for(backend.provider)
+        self.max_batch = settings.batch_size(backend.provider)
         delay = self.max_delay_ms / 1000.0
-        cfg = BatcherConfig(max_batch=settings.max_batch, max_delay_s=delay, queue_limit=settings.queue_limit,
+        cfg = BatcherConfig(max_batch=self.max_batch, max_delay_s=delay, queue_limit=settings.queue_limit,
                             retry_after_s=settings.retry_after_s, streams=self.streams)
         self.encoder = Batcher("encode", self._encode_batch, _shape_key, cfg, metrics)
         self.decoder = Batcher("decode", self._decode_batch, _codes_key, cfg, metrics)
