@@ -256,14 +256,16 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode, style in (("batching_on", "o-"), ("batching_off", "s--"), ("one_stream", "^:")):
+    modes = (("batching_on", "o-", "C0"), ("batching_off", "s--", "C1"), ("one_stream", "^:", "C2"))
+    for mode, style, color in modes:
         rows = result["served"].get(mode)
         if not rows:
             continue
         xs = [r["concurrency"] for r in rows]
-        ax1.plot(xs, [r["throughput_rps"] for r in rows], style, label=mode.replace("_", " "))
-        ax2.plot(xs, [r["p99_ms"] for r in rows], style, label=f"{mode.replace('_', ' ')} p99")
-        ax2.plot(xs, [r["p50_ms"] for r in rows], style, alpha=0.4, label=f"{mode.replace('_', ' ')} p50")
+        name = mode.replace("_", " ")
+        ax1.plot(xs, [r["throughput_rps"] for r in rows], style, color=color, label=name)
+        ax2.plot(xs, [r["p99_ms"] for r in rows], style, color=color, label=f"{name} p99")
+        ax2.plot(xs, [r["p50_ms"] for r in rows], style, color=color, alpha=0.35, label=f"{name} p50")
     best = result["offline"]
     ax1.axhline(best["best_images_per_s"], color="grey", ls=":",
                 label=f"offline ORT best ({best['best_layout']}, batch {best['best_batch']})")
