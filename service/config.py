@@ -25,11 +25,11 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     # Batching. A batch closes at max_batch items or max_delay_ms after its oldest request arrived.
-    # Unset, they follow the provider. On CPU, where ORT's cost per image hardly depends on the batch
-    # size, the batch is simply what queued while the streams were busy (delay 0: no added latency
-    # at low load), capped at 8 because a bigger batch on one thread only makes its requests wait
-    # longer (bench/serve_load.py: same throughput, p99 -21 % at 32 clients). On CUDA, where batching pays,
-    # 2 ms and 32.
+    # Unset, they follow the provider. On CPU, where ORT's cost per image hardly depends on the
+    # batch size, a batch is simply what queued while the streams were busy (delay 0: no added
+    # latency at low load), capped at 8 because a bigger batch on one thread only makes its requests
+    # wait longer (bench/serve_load.py: same throughput, p99 -21 % at 32 clients). On CUDA, where
+    # batching pays: 2 ms and 32.
     max_batch: int | None = Field(None, ge=1)
     max_delay_ms: float | None = Field(None, ge=0)
     sample_max_batch: int = Field(64, ge=1)  # sampling batches the n of concurrent requests

@@ -30,7 +30,7 @@ class ImageLimits:
     max_native_pixels: int  # fit=none and decode work at this size at most (422)
 
 
-def load_image(data: bytes, fit: Fit, limits: ImageLimits, field: str) -> np.ndarray:
+def load_image(data: bytes | bytearray, fit: Fit, limits: ImageLimits, field: str) -> np.ndarray:
     """Decode one image to uint8 [H, W, 3]; ``field`` names it in error messages."""
     if not data:
         raise BadRequest(f"{field}: empty file", code="invalid_image")

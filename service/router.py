@@ -31,7 +31,7 @@ from service.errors import (
     unprocessable_from,
 )
 from service.imaging import Fit, load_image, psnr, to_png
-from service.multipart import parse_multipart
+from service.multipart import read_multipart
 from service.schemas import (
     DecodeRequest,
     DecodeResponse,
@@ -149,15 +149,15 @@ async def read_json(request: Request, model: type[M]) -> M:
         raise unprocessable_from(e) from None
 
 
-async def read_image_blobs(request: Request, st: ServiceState) -> list[bytes]:
+async def read_image_blobs(request: Request, st: ServiceState) -> list[bytes | bytearray]:
     media_type, max_items = _media_type(request), st.settings.max_items
-    blobs: list[bytes] = []
+    blobs: list[bytes | bytearray] = []
     if media_type == "multipart/form-data":
-        parts = parse_multipart(await request.body(), request.headers["content-type"], max_items + 16)
+        parts = await read_multipart(request.stream(), request.headers["content-type"], max_items + 16)
         for i, part in enumerate(p for p in parts if p.name == "images"):
             if part.filename is None:
                 raise Unprocessable(f"images[{i}]: must be a file part (filename=...), not a text field")
-            blobs.append(bytes(part.data))
+            blobs.append(part.data)
     elif _is_json(media_type):
         req = await read_json(request, EncodeJsonRequest)
         for i, text in enumerate(req.images):

@@ -54,6 +54,19 @@ def test_encode_decode_reconstruct_roundtrip(tiny_bundle, backend, images):
             assert grid["dtype"] == "uint16"
             assert (np.frombuffer(base64.b64decode(grid["data"]), "<u2").reshape(grid["shape"]) == top).all()
 
+            # A multipart body that arrives in small chunks (boundaries split across them) parses the same.
+            blob = png_bytes(images[0])
+            body = (b"--cut\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.png\"\r\n\r\n"
+                    + blob + b"\r\n--cut--\r\n")
+
+            async def in_chunks():
+                for i in range(0, len(body), 7):
+                    yield body[i:i + 7]
+
+            r = await c.post("/v1/encode", content=in_chunks(),
+                             headers={"content-type": "multipart/form-data; boundary=cut"})
+            assert r.status_code == 200 and r.json()["items"][0]["top"] == item["top"], r.text
+
             # JSON input, data URL tolerated.
             b64 = base64.b64encode(png_bytes(images[0])).decode()
             r = await c.post("/v1/encode", json={"images": [b64, "data:image/png;base64," + b64]})
