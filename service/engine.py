@@ -45,9 +45,12 @@ class Engine:
         self.decoder = Batcher("decode", self._decode_batch, _codes_key, cfg, metrics)
         self.sampler: Batcher | None = None
         if backend.can_sample:
+            # One sampling loop at a time, whatever the streams: requests that arrive while it runs
+            # share the next loop, which costs far less CPU than a loop each (one thread: 8 samples
+            # take 2.8x as long as 1, bench/results/sampling_1thread.json).
             sample_cfg = BatcherConfig(max_batch=settings.sample_max_batch, max_delay_s=delay,
                                        queue_limit=max(settings.queue_limit, settings.sample_max_batch),
-                                       retry_after_s=settings.retry_after_s, streams=self.streams)
+                                       retry_after_s=settings.retry_after_s, streams=1)
             self.sampler = Batcher("sample", self._sample_batch, _same_key, sample_cfg, metrics)
 
     @property

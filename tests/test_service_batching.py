@@ -149,6 +149,47 @@ def backend(tiny_bundle):
     return OrtBackend(Bundle.load(tiny_bundle), RuntimeConfig(device="cpu", intra_op_threads=1))
 
 
+class HeldSampler:
+    """The real backend, except that its first ``sample`` call waits at a gate."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.gate, self.entered = threading.Event(), threading.Event()
+        self.held = False
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def warmup(self):
+        self.inner.warmup()
+
+    def sample(self, *args):
+        if not self.held:
+            self.held = True
+            self.entered.set()
+            self.gate.wait(30)
+        return self.inner.sample(*args)
+
+
+def test_concurrent_samples_share_one_loop_whatever_the_streams(tiny_bundle, backend):
+    held = HeldSampler(backend)
+
+    async def main():
+        async with serving(tiny_bundle, held, streams=2, max_delay_ms=0) as (app, c):
+            first = asyncio.ensure_future(c.post("/v1/sample", json={"n": 1, "seed": 1}))
+            await asyncio.to_thread(held.entered.wait, 30)
+            later = [asyncio.ensure_future(c.post("/v1/sample", json={"n": 2, "seed": s})) for s in (2, 3)]
+            # With a second stream free they would start at once; they wait for the running loop instead.
+            await eventually(lambda: app.state.vqtok.engine.sampler.depth == 4)
+            held.gate.set()
+            assert all(r.status_code == 200 for r in await asyncio.gather(first, *later))
+            metrics = (await c.get("/metrics")).text
+            assert metric_value(metrics, "vqtok_batch_size_count", op="sample") == 2  # 1, then 2 + 2 together
+            assert metric_value(metrics, "vqtok_batch_size_sum", op="sample") == 5
+
+    run(main())
+
+
 def test_32_concurrent_encodes_batch_and_match_unbatched(tiny_bundle, backend):
     images = random_images(32, seed=5)
     blobs = [png_bytes(im) for im in images]
