@@ -1,15 +1,19 @@
-"""What one small encode request costs outside the model: CPU per request of the service's request
-path with an instant backend, and of a bare uvicorn app under the same load.
+"""What one small encode request costs outside the model, piece by piece.
 
     python bench/request_overhead.py [--requests 4000] [--src DIR]
 
-1. In-process: the real app (middleware, routing, multipart, PNG decoding, batcher, JSON answer)
-   driven directly through ASGI by 32 concurrent tasks, with a backend that returns zero codes at
-   once. Best of three rounds of CPU time per request.
-2. The same with the real ONNX Runtime backend (default streams and threads), next to the model's
+In-process (the app driven directly through ASGI by 32 concurrent tasks; best of three rounds):
+1. the service's request path (middleware, routing, multipart, PNG decoding, batcher, JSON answer)
+   with a backend that returns zero codes at once;
+2. the same with the real ONNX Runtime backend (default streams and threads), next to the model's
    own CPU per image offline in that layout: what running both in one process adds.
-3. Floor: a bare ASGI app that reads the body and answers a fixed JSON, served by uvicorn (the
-   server's own HTTP stack), loaded by serve_load's closed-loop client at concurrency 32.
+
+Over HTTP (uvicorn, the server's own HTTP stack, loaded by serve_load's closed-loop client at
+concurrency 32), server CPU per request of:
+3. a bare app that reads the body and answers a fixed JSON;
+4. an app that does only the essential work: parse the multipart body, decode the PNG, answer
+   the JSON of a code grid;
+5. the service itself with the instant backend.
 
 ``--src`` imports ``service`` from another checkout (to measure an older version of the request
 path with this script). Writes bench/results/request_overhead.json.
@@ -30,17 +34,59 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+# The apps served over HTTP, as module sources ({src}: the checkout that provides ``service``).
 BARE_APP = '''
-BODY = b'{"ok":true}'
+BODY = b'{{"ok":true}}'
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
     more = True
     while more:
         more = (await receive()).get("more_body", False)
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", b"11")]})
-    await send({"type": "http.response.body", "body": BODY})
+    await send({{"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", b"11")]}})
+    await send({{"type": "http.response.body", "body": BODY}})
+'''
+
+ESSENTIAL_APP = '''
+import sys
+sys.path.insert(0, {src!r})
+import numpy as np, orjson
+from service.imaging import ImageLimits, load_image
+from service.multipart import MultipartReader
+LIMITS = ImageLimits(64, 8, 4096 * 4096, 1024 * 1024)
+TOP, BOTTOM = np.zeros((8, 8), np.int64), np.zeros((16, 16), np.int64)
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    headers = dict(scope["headers"])
+    reader = MultipartReader(headers[b"content-type"].decode(), 80) if scope["method"] == "POST" else None
+    more = True
+    while more:
+        message = await receive()
+        more = message.get("more_body", False)
+        if reader is not None:
+            reader.feed(message.get("body", b""))
+    answer = b"{{}}"
+    if reader is not None:
+        image = load_image(reader.close()[0].data, "center_crop", LIMITS, "images[0]")
+        answer = orjson.dumps({{"model": "x", "items": [{{"height": image.shape[0], "width": image.shape[1],
+                                                        "top": TOP.tolist(), "bottom": BOTTOM.tolist()}}]}})
+    await send({{"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]}})
+    await send({{"type": "http.response.body", "body": answer}})
+'''
+
+SERVICE_APP = '''
+import sys
+sys.path.insert(0, {src!r})
+sys.path.insert(0, {bench!r})
+from pathlib import Path
+from request_overhead import InstantBackend, settings_for
+from service.app import create_app
+from service.bundle import Bundle
+bundle = Bundle.load({model!r})
+app = create_app(settings_for(Path({model!r})), bundle=bundle, backend=InstantBackend(bundle))
 '''
 
 
@@ -128,23 +174,42 @@ async def in_process(model: Path, raw_request: bytes, n: int, concurrency: int, 
     return 1000 * best / n
 
 
-def floor(raw_request_for, duration: float, concurrency: int) -> dict:
+def over_http(app_source: str, raw_request_for, duration: float, concurrency: int) -> dict:
+    """Serve ``app_source`` (a module defining ``app``) with uvicorn; server CPU per request under load."""
+    import httpx
     import serve_load
 
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "bare_app.py").write_text(BARE_APP)
+        (Path(tmp) / "bench_app.py").write_text(app_source)
         port = serve_load.free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bare_app:app", "--port", str(port),
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "bench_app:app", "--port", str(port),
                                  "--log-level", "warning", "--no-access-log"], cwd=tmp)
         try:
-            time.sleep(2.0)
+            deadline = time.monotonic() + 60
+            while True:  # up, and for the service warmed up
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise SystemExit("benchmark app did not start")
+                time.sleep(0.2)
             cpu0 = serve_load.process_cpu_s(proc.pid)
             row = asyncio.run(serve_load.closed_loop(port, [raw_request_for(port)], concurrency, duration, 0.0))
             cpu = serve_load.process_cpu_s(proc.pid) - cpu0
         finally:
             proc.terminate()
             proc.wait()
+    if row["errors"]:
+        raise SystemExit(f"{row['errors']} requests failed")
     return {"throughput_rps": row["throughput_rps"], "server_cpu_ms_per_request": 1000 * cpu / row["requests"]}
+
+
+def service_dir() -> str:
+    import service
+
+    return str(Path(service.__file__).parent)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,20 +244,26 @@ def main(argv: list[str] | None = None) -> int:
     batch = np.stack([serve_load.smooth_images(1, size)[0]] * 4)
     _, model_ms = serve_load.run_streams(backend.sessions["encoder"], batch, streams, 3.0)
     print(f"model alone ({streams} streams, batch 4): {model_ms:.3f} CPU ms per image", flush=True)
-    bare = floor(lambda port: serve_load.encode_request(blob, port), 4.0, 32)
-    print(f"bare uvicorn: {bare['server_cpu_ms_per_request']:.3f} CPU ms per request "
-          f"({bare['throughput_rps']:.0f} req/s)", flush=True)
-    import service
+    src = str(Path(service_dir()).parent)
+    # The essential-work app is a floor for any version, so it always uses this checkout's parsers.
+    apps = {"bare_uvicorn": BARE_APP.format(), "essential_work": ESSENTIAL_APP.format(src=str(ROOT)),
+            "service_instant_backend": SERVICE_APP.format(src=src, bench=str(Path(__file__).resolve().parent),
+                                                          model=str(args.model.resolve()))}
+    http = {}
+    for name, source in apps.items():
+        http[name] = over_http(source, lambda port: serve_load.encode_request(blob, port), 4.0, 32)
+        print(f"over HTTP, {name}: {http[name]['server_cpu_ms_per_request']:.3f} CPU ms per request "
+              f"({http[name]['throughput_rps']:.0f} req/s)", flush=True)
 
     commit = subprocess.run(["git", "-C", str(args.src), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, check=False).stdout.strip()
     dirty = subprocess.run(["git", "-C", str(args.src), "status", "--porcelain", "service"], capture_output=True,
                            text=True, check=False).stdout.strip()
-    result = {"service_from": str(Path(service.__file__).parent), "commit": commit + ("+changes" if dirty else ""),
+    result = {"service_from": service_dir(), "commit": commit + ("+changes" if dirty else ""),
               "png_bytes": len(blob), "requests": args.requests,
               "in_process_cpu_ms_per_request": ms, "in_process_with_model_cpu_ms_per_request": with_model,
               "model_alone_cpu_ms_per_image": model_ms, "model_alone_layout": {"streams": streams, "batch": 4},
-              "bare_uvicorn": bare}
+              "over_http": http}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
