@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from service.app import create_app, load_backend
 from service.backend import DeviceUnavailable
 from service.bundle import Bundle, BundleError
-from service.config import Settings
+from service.config import DEFAULT_BUNDLE, Settings
 
 log = logging.getLogger("vqtok.service")
 
@@ -38,7 +38,12 @@ def serve(model_dir: str | Path | None = None, host: str | None = None, port: in
         bundle = Bundle.load(settings.model_dir)
         backend = load_backend(bundle, settings)
     except (BundleError, DeviceUnavailable) as e:
-        print(f"vqtok serve: refusing to start: {e}", file=sys.stderr)
+        hint = ""
+        if Path(settings.model_dir) == DEFAULT_BUNDLE and not DEFAULT_BUNDLE.exists():
+            # The default bundle lives in the repository, not in a wheel.
+            hint = ("\n  the default bundle ships in the repository's artifacts/default: install with "
+                    "pip install -e, or pass --model DIR (or set VQTOK_MODEL_DIR)")
+        print(f"vqtok serve: refusing to start: {e}{hint}", file=sys.stderr)
         return 2
     log.info("ONNX Runtime provider: %s", backend.provider)
     app = create_app(settings, bundle=bundle, backend=backend)
