@@ -13,7 +13,9 @@ concurrency 32), server CPU per request of:
 3. a bare app that reads the body and answers a fixed JSON;
 4. an app that does only the essential work: parse the multipart body, decode the PNG, answer
    the JSON of a code grid;
-5. the service itself with the instant backend.
+5. the same work as a plain FastAPI route (FastAPI's own cost, without the service's middleware,
+   batcher and disconnect watch);
+6. the service itself with the instant backend.
 
 ``--src`` imports ``service`` from another checkout (to measure an older version of the request
 path with this script). Writes bench/results/request_overhead.json.
@@ -75,6 +77,30 @@ async def app(scope, receive, send):
     await send({{"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(answer)).encode())]}})
     await send({{"type": "http.response.body", "body": answer}})
+'''
+
+FASTAPI_APP = '''
+import sys
+sys.path.insert(0, {src!r})
+import numpy as np, orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from service.imaging import ImageLimits, load_image
+from service.multipart import read_multipart
+LIMITS = ImageLimits(64, 8, 4096 * 4096, 1024 * 1024)
+TOP, BOTTOM = np.zeros((8, 8), np.int64), np.zeros((16, 16), np.int64)
+app = FastAPI()
+
+@app.get("/readyz")
+async def readyz():
+    return {{"status": "ready"}}
+
+@app.post("/v1/encode")
+async def encode(request: Request):
+    parts = await read_multipart(request.stream(), request.headers["content-type"], 80)
+    image = load_image(parts[0].data, "center_crop", LIMITS, "images[0]")
+    return Response(orjson.dumps({{"model": "x", "items": [{{"height": image.shape[0], "width": image.shape[1],
+                    "top": TOP.tolist(), "bottom": BOTTOM.tolist()}}]}}), media_type="application/json")
 '''
 
 SERVICE_APP = '''
@@ -247,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     src = str(Path(service_dir()).parent)
     # The essential-work app is a floor for any version, so it always uses this checkout's parsers.
     apps = {"bare_uvicorn": BARE_APP.format(), "essential_work": ESSENTIAL_APP.format(src=str(ROOT)),
+            "essential_work_in_fastapi": FASTAPI_APP.format(src=str(ROOT)),
             "service_instant_backend": SERVICE_APP.format(src=src, bench=str(Path(__file__).resolve().parent),
                                                           model=str(args.model.resolve()))}
     http = {}
