@@ -211,6 +211,10 @@ def test_model_health_metrics_and_docs(tiny_bundle, backend):
                          "ErrorResponse"):
                 assert name in schemas
             assert schemas["SampleRequest"]["properties"]["n"]["maximum"] == 64
+            params = {q["name"]: q for q in spec["paths"]["/v1/encode"]["post"]["parameters"]}
+            assert params["fit"]["schema"]["enum"] == ["center_crop", "none"]
+            assert params["format"]["schema"]["default"] == "list"
+            assert info["streams"] >= 1 and info["intra_op_threads"] >= 1
             encode_body = spec["paths"]["/v1/encode"]["post"]["requestBody"]["content"]
             assert {"multipart/form-data", "application/json"} <= set(encode_body)
             assert (await c.get("/docs")).status_code == 200
@@ -266,9 +270,16 @@ def test_api_keys(tiny_bundle, backend):
                     ).status_code == 401
             wrong = await c.post("/v1/sample", json={"n": 1}, headers={"Authorization": "Bearer nope"})
             assert wrong.status_code == 401
-            ok = await c.post("/v1/sample", json={"n": 1}, headers={"Authorization": "Bearer secret-2"})
+            ok = await c.post("/v1/sample", json={"n": 1}, headers={"Authorization": "bearer secret-2"})
             assert ok.status_code == 200
             assert (await c.get("/healthz")).status_code == 200 and (await c.get("/readyz")).status_code == 200
+            # Refused before routing, yet counted under their endpoint; /docs says which scheme to use.
+            metrics = (await c.get("/metrics")).text
+            assert metric_value(metrics, "vqtok_requests_total", endpoint="/v1/sample", status="401") == 2
+            spec = (await c.get("/openapi.json")).json()
+            assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+            assert spec["paths"]["/v1/encode"]["post"]["security"] == [{"bearer": []}]
+            assert "security" not in spec["paths"]["/healthz"]["get"]
 
     run(main())
 
