@@ -28,7 +28,7 @@ class Settings(BaseSettings):
     # Unset, they follow the provider. On CPU, where ORT's cost per image hardly depends on the
     # batch size, a batch is simply what queued while the streams were busy (delay 0: no added
     # latency at low load), capped at 8 because a bigger batch on one thread only makes its requests
-    # wait longer (bench/serve_load.py: same throughput, p99 -21 % at 32 clients). On CUDA, where
+    # wait longer (bench/serve_load.py: same throughput, p99 -27 % at 32 clients). On CUDA, where
     # batching pays: 2 ms and 32.
     max_batch: int | None = Field(None, ge=1)
     max_delay_ms: float | None = Field(None, ge=0)
