@@ -6,6 +6,7 @@ Parsers only at import time: each subcommand imports its implementation when it 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,11 @@ def _serve(args):
 
 def _sample(args):
     from service.sample_cli import main
+    return main(args)
+
+
+def _tokenize(args):
+    from service.tokenize_job import main
     return main(args)
 
 
@@ -82,6 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("tokenize", help="tokenize an image folder through a running service (resumable)")
+    p.add_argument("dir", type=Path, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, type=Path, help="output folder: shard-*.npz and errors.jsonl")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=os.environ.get("VQTOK_API_KEY"), help="default: $VQTOK_API_KEY")
+    p.add_argument("--batch", type=int, default=16, help="images per request")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
+    p.set_defaults(func=_tokenize)
 
     p = sub.add_parser("sample", help="sample images from a bundle's priors")
     p.add_argument("--model", type=Path, default=DEFAULT_BUNDLE)
