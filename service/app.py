@@ -16,9 +16,9 @@ from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
 from service.auth import ApiKeyAuth, document_security
-from service.backend import CUDA, Backend, OrtBackend, RuntimeConfig
+from service.backend import Backend, OrtBackend, RuntimeConfig
 from service.bundle import Bundle
-from service.config import Settings
+from service.config import CUDA, Settings
 from service.engine import Engine
 from service.errors import install_handlers
 from service.imaging import ImageLimits
@@ -37,7 +37,7 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
     # The provider is not known yet: warm up the largest batch any provider would run (cheap on CPU).
     return RuntimeConfig(device=settings.device, intra_op_threads=settings.intra_op_threads,
                          inter_op_threads=settings.inter_op_threads, spinning=settings.ort_spinning,
-                         sampler=settings.sampler, warmup_batch=settings.batch_size("CUDAExecutionProvider"))
+                         sampler=settings.sampler, warmup_batch=settings.batch_size(CUDA))
 
 
 def load_backend(bundle: Bundle, settings: Settings) -> OrtBackend:

@@ -13,11 +13,11 @@ import numpy as np
 import onnxruntime as ort
 
 from service.bundle import Bundle, BundleError
+from service.config import CUDA
 from service.sampling import PriorSampler
 
 log = logging.getLogger("vqtok.service")
 
-CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 

@@ -12,6 +12,9 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+# ONNX Runtime's name for the CUDA execution provider; defaults below depend on it.
+CUDA = "CUDAExecutionProvider"
+
 # The shipped bundle, next to the packages (same place ``training.cli`` points at).
 DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "artifacts" / "default"
 
@@ -84,16 +87,16 @@ class Settings(BaseSettings):
         """Batches each operation runs at once on an execution provider."""
         if self.streams:
             return self.streams
-        return 1 if provider == "CUDAExecutionProvider" else os.cpu_count() or 1
+        return 1 if provider == CUDA else os.cpu_count() or 1
 
     def batch_size(self, provider: str) -> int:
         """The max batch in effect for an execution provider."""
         if self.max_batch is not None:
             return self.max_batch
-        return 32 if provider == "CUDAExecutionProvider" else 8
+        return 32 if provider == CUDA else 8
 
     def batch_delay_ms(self, provider: str) -> float:
         """The max delay in effect for an execution provider."""
         if self.max_delay_ms is not None:
             return self.max_delay_ms
-        return 2.0 if provider == "CUDAExecutionProvider" else 0.0
+        return 2.0 if provider == CUDA else 0.0

@@ -65,8 +65,8 @@ def _json_body(model: type[BaseModel]) -> dict:
 
 class QueryChoice:
     """A query parameter with a fixed set of string values (a ``Literal``), read straight from the
-    query string: as a FastAPI parameter its dependency resolution cost ~6 % of a small encode's CPU.
-    ``openapi`` documents it the way FastAPI would."""
+    query string, not through FastAPI's dependency resolution, which showed up in every small
+    encode's CPU profile. ``openapi`` documents it the way FastAPI would."""
 
     def __init__(self, name: str, choices: Any, default: str, description: str):
         self.name, self.allowed, self.default = name, get_args(choices), default

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from service.config import CUDA
+
 if TYPE_CHECKING:  # pragma: no cover
     import onnxruntime
 
@@ -203,7 +205,7 @@ class PriorSampler:
     def _device(self, sess: onnxruntime.InferenceSession) -> tuple[str, int] | None:
         """(device, id) to keep caches on with IOBinding, or None for plain numpy feeds."""
         provider = sess.get_providers()[0]
-        on_cuda = provider == "CUDAExecutionProvider"
+        on_cuda = provider == CUDA
         if self.io_binding is False or (self.io_binding is None and not on_cuda):
             return None
         if on_cuda:

@@ -38,6 +38,12 @@ def _folder(root, n_good: int = 5):
     return paths
 
 
+def overloaded() -> httpx.Response:
+    """What the service answers when its queue is full."""
+    return httpx.Response(503, headers={"Retry-After": "0"},
+                          json={"error": {"code": "overloaded", "message": "queue full"}})
+
+
 class FailFirst(httpx.AsyncBaseTransport):
     """Answers the first ``failures`` requests with 503 + Retry-After: 0, then passes them on."""
 
@@ -47,8 +53,7 @@ class FailFirst(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self.failures > 0:
             self.failures -= 1
-            return httpx.Response(503, headers={"Retry-After": "0"},
-                                  json={"error": {"code": "overloaded", "message": "queue full"}})
+            return overloaded()
         return await self.inner.handle_async_request(request)
 
 
@@ -61,8 +66,7 @@ class DownAfterFirstSuccess(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if not self.up:
             self.failed += 1
-            return httpx.Response(503, headers={"Retry-After": "0"},
-                                  json={"error": {"code": "overloaded", "message": "queue full"}})
+            return overloaded()
         response = await self.inner.handle_async_request(request)
         self.up = response.status_code != 200
         return response
