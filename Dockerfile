@@ -7,9 +7,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     VQTOK_MODEL_DIR=/app/artifacts/default
 
 WORKDIR /app
+# Only what the server needs: the torch-free service package and the bundle (no models/, no training/).
 COPY pyproject.toml README.md ./
-COPY models ./models
-COPY training ./training
 COPY service ./service
 COPY artifacts/default ./artifacts/default
 # The project itself is the package installed here; its dependencies are pinned by pyproject.

@@ -54,8 +54,8 @@ ESSENTIAL_APP = '''
 import sys
 sys.path.insert(0, {src!r})
 import numpy as np, orjson
-from service.imaging import ImageLimits, load_image
-from service.multipart import MultipartReader
+from service.api.decoding import ImageLimits, load_image
+from service.api.multipart import MultipartReader
 LIMITS = ImageLimits(64, 8, 4096 * 4096, 1024 * 1024)
 TOP, BOTTOM = np.zeros((8, 8), np.int64), np.zeros((16, 16), np.int64)
 async def app(scope, receive, send):
@@ -85,8 +85,8 @@ sys.path.insert(0, {src!r})
 import numpy as np, orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from service.imaging import ImageLimits, load_image
-from service.multipart import read_multipart
+from service.api.decoding import ImageLimits, load_image
+from service.api.multipart import read_multipart
 LIMITS = ImageLimits(64, 8, 4096 * 4096, 1024 * 1024)
 TOP, BOTTOM = np.zeros((8, 8), np.int64), np.zeros((16, 16), np.int64)
 app = FastAPI()
@@ -109,7 +109,7 @@ sys.path.insert(0, {src!r})
 sys.path.insert(0, {bench!r})
 from pathlib import Path
 from request_overhead import InstantBackend, settings_for
-from service.app import create_app
+from service.api.app import create_app
 from service.bundle import Bundle
 bundle = Bundle.load({model!r})
 app = create_app(settings_for(Path({model!r})), bundle=bundle, backend=InstantBackend(bundle))
@@ -146,7 +146,7 @@ def split_request(raw: bytes) -> tuple[list[tuple[bytes, bytes]], bytes]:
 
 
 def settings_for(model: Path):
-    from service.config import Settings
+    from service.api.config import Settings
 
     return Settings(model_dir=model, device="cpu", api_keys=[], queue_limit=4096, log_level="warning")
 
@@ -154,7 +154,7 @@ def settings_for(model: Path):
 async def in_process(model: Path, raw_request: bytes, n: int, concurrency: int, backend) -> float:
     from asgi_lifespan import LifespanManager
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     app = create_app(settings_for(model), bundle=backend.bundle, backend=backend)
     headers, body = split_request(raw_request)
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     blob = serve_load.png(serve_load.smooth_images(1, size)[0])
     import uvloop
 
-    from service.app import load_backend
+    from service.api.app import load_backend
     from service.bundle import Bundle
 
     bundle = Bundle.load(args.model)

@@ -26,8 +26,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from service.bundle import Bundle
-from service.sample_cli import decode, make_session_options
-from service.sampling import PriorSampler, noise_for
+from service.bundle.sampling import noise_for
+from service.runtime.sampler import PriorSampler
+from service.runtime.session import RuntimeConfig, open_session
 
 
 def time_full(sampler: PriorSampler, decoder, noise, temperature, top_k, repeats: int):
@@ -35,22 +36,21 @@ def time_full(sampler: PriorSampler, decoder, noise, temperature, top_k, repeats
     best, split = float("inf"), {}
     for _ in range(repeats):
         t0 = time.perf_counter()
-        top, bottom = sampler.sample(*noise, temperature, top_k)
+        codes = sampler.sample(noise, temperature, top_k)
         t1 = time.perf_counter()
-        decode(decoder, top, bottom)
+        decoder.run(None, {i.name: codes[i.name] for i in decoder.get_inputs()})
         t2 = time.perf_counter()
         if t2 - t0 < best:
             best, split = t2 - t0, {"prior_s": t1 - t0, "decode_s": t2 - t1}
-    return best, split, (top, bottom)
+    return best, split, codes
 
 
 def warm_up(sessions: dict, bundle: Bundle, n: int) -> None:
     """One call of each full-grid graph at batch n, so neither sampler pays first-shape costs."""
     size = bundle.image_size
     grids = {name: np.zeros((n, *lv.grid(size, size)), dtype=np.int64) for name, lv in bundle.levels.items()}
-    for name in ("prior_top", "prior_bottom", "decoder"):
-        if name in sessions:
-            sess = sessions[name]
+    for sess in sessions.values():
+        if all(i.name in grids for i in sess.get_inputs()):
             sess.run(None, {i.name: grids[i.name] for i in sess.get_inputs()})
 
 
@@ -70,11 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     bundle = Bundle.load(args.model)
-    so = make_session_options(args.threads)
+    cfg = RuntimeConfig(device="cpu", intra_op_threads=args.threads)
     providers = ["CPUExecutionProvider"]
-    sessions = {g: ort.InferenceSession(str(bundle.path(g)), so, providers=providers)
-                for g in ("decoder", "prior_top", "prior_bottom") if bundle.has(g)}
-    samplers = {m: PriorSampler(bundle, sessions, method=m) for m in ("naive", "cached")}
+    sessions = {g: open_session(bundle.path(g), cfg) for g in bundle.manifest["files"]
+                if g == "decoder" or g.startswith("prior_")}
+    samplers = {m: PriorSampler(bundle, sessions, method=m, cfg=cfg) for m in ("naive", "cached")}
     decoder = sessions["decoder"]
 
     results = []
@@ -83,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         temperature = np.full(n, args.temperature, dtype=np.float32)
         top_k = np.full(n, args.top_k, dtype=np.int64)
         warm_up(sessions, bundle, n)
-        samplers["cached"].sample(*noise, temperature, top_k)  # warm-up (step graphs at batch n)
+        samplers["cached"].sample(noise, temperature, top_k)  # warm-up (step graphs at batch n)
         t_cached, s_cached, c_cached = time_full(samplers["cached"], decoder, noise, temperature, top_k, args.repeats)
         t_naive, s_naive, c_naive = time_full(samplers["naive"], decoder, noise, temperature, top_k,
                                               args.naive_repeats)
         same = np.ones(n, dtype=bool)
-        for a, b in zip(c_naive, c_cached):
-            same &= (a == b).reshape(n, -1).all(axis=1)
+        for level in bundle.level_names:
+            same &= (c_naive[level] == c_cached[level]).reshape(n, -1).all(axis=1)
         row = {"n": n,
                "naive_s": round(t_naive, 4), "cached_s": round(t_cached, 4),
                "naive_samples_per_s": round(n / t_naive, 3), "cached_samples_per_s": round(n / t_cached, 3),

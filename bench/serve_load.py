@@ -127,7 +127,7 @@ def start_server(model: Path, env: dict[str, str]) -> tuple[subprocess.Popen, in
 
     port = free_port()
     full_env = {**os.environ, "VQTOK_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT), **env}
-    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--model", str(model),
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(model),
                              "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=full_env)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -226,7 +226,7 @@ def offline(model: Path, images: np.ndarray, layouts: dict[str, tuple[int, int]]
     ``streams`` Python threads call one session concurrently, each run on ``threads`` intra-op
     threads, with the server's session options.
     """
-    from service.backend import RuntimeConfig, open_session, session_options
+    from service.runtime.session import RuntimeConfig, open_session, session_options
 
     encoder = str(Bundle.load(model).path("encoder"))  # loading verifies every file's sha256: once
     out: dict = {"layouts": {}}

@@ -25,6 +25,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from service.bundle.wire import grid_to_wire, parse_grid
+
 ImageInput = Image.Image | np.ndarray | bytes | str | Path
 
 
@@ -88,13 +90,23 @@ def _raise_for(resp: httpx.Response) -> None:
 
 
 # --- results -----------------------------------------------------------------------------------
-@dataclass
-class Codes:
-    top: np.ndarray  # int64 [H/8, W/8] for the default bundle
-    bottom: np.ndarray  # int64 [H/4, W/4]
+class Codes(dict):
+    """One image's code grids, keyed by level name in the bundle's order (int64 numpy arrays).
+
+    Levels read as attributes too: ``codes.top``, ``codes.bottom`` for the default bundle.
+    """
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(f"no level {name!r}; this bundle's levels: {list(self)}") from None
+
+    def __repr__(self) -> str:
+        return "Codes(" + ", ".join(f"{k}=int64 {list(np.shape(v))}" for k, v in self.items()) + ")"
 
     def to_wire(self) -> dict[str, Any]:
-        return {"top": _grid_to_wire(self.top), "bottom": _grid_to_wire(self.bottom)}
+        return {name: grid_to_wire(np.asarray(grid), "b64") for name, grid in self.items()}
 
 
 @dataclass
@@ -110,25 +122,9 @@ class Samples:
     codes: list[Codes] | None = None
 
 
-def _grid_to_wire(grid: np.ndarray) -> dict[str, Any]:
-    grid = np.asarray(grid)
-    if grid.ndim != 2:
-        raise ValueError(f"a code grid must be 2-D, got shape {grid.shape}")
-    if grid.size and (grid.min() < 0 or grid.max() > 0xFFFF):
-        raise ValueError("codes must be in [0, 65535] for the uint16 wire form")
-    data = np.ascontiguousarray(grid, dtype="<u2").tobytes()
-    return {"shape": list(grid.shape), "dtype": "uint16", "data": base64.b64encode(data).decode("ascii")}
-
-
-def _grid_from_wire(value: Any) -> np.ndarray:
-    if isinstance(value, dict):
-        raw = base64.b64decode(value["data"])
-        return np.frombuffer(raw, dtype="<u2").reshape(value["shape"]).astype(np.int64)
-    return np.asarray(value, dtype=np.int64)
-
-
 def _codes_from_wire(item: dict[str, Any]) -> Codes:
-    return Codes(top=_grid_from_wire(item["top"]), bottom=_grid_from_wire(item["bottom"]))
+    """The level grids of an encode item or a sample's codes (every key but the image's size)."""
+    return Codes({k: parse_grid(v) for k, v in item.items() if k not in ("height", "width")})
 
 
 def _image_bytes(image: ImageInput) -> bytes:

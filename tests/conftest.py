@@ -41,11 +41,16 @@ def random_images(n: int, size: int = TINY_SIZE, seed: int = 0) -> np.ndarray:
     return (np.clip(base + noise, 0, 1) * 255).astype(np.uint8)
 
 
-def export_tiny_bundle(out: Path, seed: int = 0) -> Path:
+def export_tiny_bundle(out: Path, seed: int = 0, levels: int = 2) -> Path:
+    """A tiny bundle; ``levels=1`` is a plain VQ-VAE whose one level has an unconditioned prior."""
+    from service.runtime.parity import check
     from training.export import export_bundle
 
-    vqvae, prior_top, prior_bottom = tiny_models(seed)
-    export_bundle(vqvae, prior_top, prior_bottom, out, TINY_SIZE, random_images(4, seed=seed), name="tiny")
+    vqvae, prior_top, prior_bottom = tiny_models(seed, levels=levels)
+    if levels == 1:
+        prior_top, prior_bottom = None, prior_top  # the one level's prior takes no conditioning
+    export_bundle(vqvae, prior_top, prior_bottom, out, TINY_SIZE, random_images(4, seed=seed),
+                  name="tiny" if levels == 2 else "tiny-1", check=check)
     return out
 
 
@@ -53,3 +58,9 @@ def export_tiny_bundle(out: Path, seed: int = 0) -> Path:
 def tiny_bundle(tmp_path_factory) -> Path:
     """A complete bundle (encoder, decoder, both priors) exported from untrained tiny models."""
     return export_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_one_level_bundle(tmp_path_factory) -> Path:
+    pytest.importorskip("torch")
+    return export_tiny_bundle(tmp_path_factory.mktemp("bundle") / "one_level", levels=1)

@@ -17,9 +17,9 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from service.app import create_app
+from service.api.app import create_app
+from service.api.config import Settings
 from service.bundle import Bundle
-from service.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,13 +90,13 @@ def free_port() -> int:
 
 @contextmanager
 def serve_process(bundle_dir: Path, env: dict[str, str] | None = None, ready_timeout: float = 60):
-    """A ``python -m training.cli serve`` subprocess; yields (process, base_url) once /readyz is 200."""
+    """A ``python -m service.cli serve`` subprocess; yields (process, base_url) once /readyz is 200."""
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("VQTOK_")}
     full_env.update({"VQTOK_DEVICE": "cpu", "VQTOK_INTRA_OP_THREADS": "1", "VQTOK_LOG_LEVEL": "warning",
                      "PYTHONPATH": str(ROOT), **(env or {})})
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - a file, not a pipe: a chatty server never blocks
-    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--model", str(bundle_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(bundle_dir),
                              "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=full_env,
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     proc.log = log

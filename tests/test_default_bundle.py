@@ -9,9 +9,9 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from service.bundle import Bundle
-from service.config import DEFAULT_BUNDLE
-from service.sampling import PriorSampler, noise_for
+from service.bundle import DEFAULT_BUNDLE, Bundle
+from service.bundle.sampling import noise_for
+from service.runtime.sampler import PriorSampler
 from tests.service_support import png_bytes, run, serving
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_BUNDLE / "manifest.json").exists(), reason="no shipped bundle")
@@ -37,8 +37,8 @@ def test_manifest_describes_the_default_model(bundle):
 
 def test_onnx_reproduces_the_reported_heldout_psnr(bundle):
     """Recompute the README's PSNR from the held-out photos with the exported graphs."""
+    from service.bundle.images import psnr
     from training.data import PhotoSource
-    from training.metrics import psnr
 
     images = PhotoSource.build(bundle.image_size).heldout()
     enc, dec = session(bundle, "encoder"), session(bundle, "decoder")
@@ -55,12 +55,12 @@ def test_onnx_reproduces_the_reported_heldout_psnr(bundle):
 def test_cached_and_naive_sampling_agree_on_the_default_bundle(bundle):
     sessions = {g: session(bundle, g) for g in ("prior_top", "prior_bottom")}
     n = 2
-    noise_top, noise_bottom = noise_for(bundle, seed=3, n=n)
+    noise = noise_for(bundle, seed=3, n=n)
     t, k = np.ones(n, np.float32), np.zeros(n, np.int64)
-    cached = PriorSampler(bundle, dict(sessions), method="cached").sample(noise_top, noise_bottom, t, k)
-    naive = PriorSampler(bundle, dict(sessions), method="naive").sample(noise_top, noise_bottom, t, k)
-    assert cached[0].shape == (n, 8, 8) and cached[1].shape == (n, 16, 16)
-    assert np.array_equal(cached[0], naive[0]) and np.array_equal(cached[1], naive[1])
+    cached = PriorSampler(bundle, dict(sessions), method="cached").sample(noise, t, k)
+    naive = PriorSampler(bundle, dict(sessions), method="naive").sample(noise, t, k)
+    assert cached["top"].shape == (n, 8, 8) and cached["bottom"].shape == (n, 16, 16)
+    assert np.array_equal(cached["top"], naive["top"]) and np.array_equal(cached["bottom"], naive["bottom"])
 
 
 def test_service_encodes_and_reconstructs_a_real_photo(bundle):

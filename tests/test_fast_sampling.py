@@ -18,14 +18,15 @@ ort = pytest.importorskip("onnxruntime")
 
 from models import GatedPixelCNN, PixelCNNConfig
 from service.bundle import Bundle
-from service.sampling import PriorSampler, gumbel_noise, noise_for, pick_codes
+from service.bundle.sampling import gumbel_noise, noise_for, pick_codes
+from service.runtime.sampler import PriorSampler, teacher_forcing
+from service.runtime.session import open_session
 from training.fast_sampling import (
     export_step_graphs,
     sample_cached_torch,
     sample_naive_torch,
     sample_torch,
     teacher_forcing_logits,
-    teacher_forcing_ort,
 )
 
 TOL = 1e-4
@@ -93,10 +94,10 @@ def test_onnx_teacher_forcing(priors, name, tmp_path):
     prior, cond_grid = priors[name]
     codes, cond = random_grids(prior, cond_grid, n=3, grid=(6, 8))
     files, info = export_step_graphs(prior, tmp_path, "p", grid=(4, 4))  # dynamic: traced 4x4, run 6x8
-    sessions = {g: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for g, p in files.items()}
+    sessions = {g: open_session(p) for g, p in files.items()}
     with torch.no_grad():
         full = prior(codes, cond).numpy()
-    got = teacher_forcing_ort(sessions, info, codes.numpy(), None if cond is None else cond.numpy())
+    got = teacher_forcing(sessions, info, codes.numpy(), None if cond is None else cond.numpy())
     assert np.abs(full - got).max() < TOL
 
 
@@ -115,16 +116,15 @@ def test_bundle_step_graphs_and_parity(tiny_bundle):
 def test_bundle_step_graphs_match_full_graph(tiny_bundle):
     """ORT step graphs vs the bundle's own full-forward ORT graphs, on random codes at every position."""
     bundle = Bundle.load(tiny_bundle)
-    sessions = {g: ort.InferenceSession(str(bundle.path(g)), providers=["CPUExecutionProvider"])
-                for g in bundle.manifest["files"]}
+    sessions = {g: open_session(bundle.path(g)) for g in bundle.manifest["files"]}
     rng = np.random.default_rng(0)
     size = bundle.image_size
     top = rng.integers(0, TINY_CODES, (3, *bundle.levels["top"].grid(size, size)))
     bottom = rng.integers(0, TINY_CODES, (3, *bundle.levels["bottom"].grid(size, size)))
     full_top = sessions["prior_top"].run(None, {"top": top})[0]
     full_bottom = sessions["prior_bottom"].run(None, {"bottom": bottom, "top": top})[0]
-    step_top = teacher_forcing_ort(sessions, bundle.manifest["sampling"]["top"], top)
-    step_bottom = teacher_forcing_ort(sessions, bundle.manifest["sampling"]["bottom"], bottom, top)
+    step_top = teacher_forcing(sessions, bundle.manifest["sampling"]["top"], top)
+    step_bottom = teacher_forcing(sessions, bundle.manifest["sampling"]["bottom"], bottom, top)
     assert np.abs(full_top - step_top).max() < TOL
     assert np.abs(full_bottom - step_bottom).max() < TOL
 
@@ -150,49 +150,51 @@ def test_torch_two_level_sampling_matches():
     _, top_prior, bottom_prior = tiny_models()
     nt, nb = gumbel_noise(3, 2, 4, 4, TINY_CODES), gumbel_noise([3, 1], 2, 8, 8, TINY_CODES)
     t, k = settings(2)
-    naive = sample_torch(top_prior, bottom_prior, nt, nb, t, k, "naive")
-    cached = sample_torch(top_prior, bottom_prior, nt, nb, t, k, "cached")
-    for a, b in zip(naive, cached):
-        np.testing.assert_array_equal(a, b)
+    priors = {"top": top_prior, "bottom": bottom_prior}
+    naive = sample_torch(priors, {"top": nt, "bottom": nb}, t, k, "naive")
+    cached = sample_torch(priors, {"top": nt, "bottom": nb}, t, k, "cached")
+    assert list(naive) == ["top", "bottom"]
+    for level in naive:
+        np.testing.assert_array_equal(naive[level], cached[level])
 
 
 @pytest.mark.parametrize("io_binding", [False, True])
 def test_onnx_naive_equals_cached(tiny_bundle, io_binding):
     bundle = Bundle.load(tiny_bundle)
     n = 4
-    noise_top, noise_bottom = noise_for(bundle, 11, n)
+    noise = noise_for(bundle, 11, n)
     t = np.array([1.0, 0.5, 3.0, 1.0], np.float32)
     k = np.array([0, 0, 4, 1], np.int64)
     sessions: dict = {}
-    naive = PriorSampler(bundle, sessions, "naive").sample(noise_top, noise_bottom, t, k)
-    cached = PriorSampler(bundle, sessions, "cached", io_binding=io_binding).sample(noise_top, noise_bottom, t, k)
-    assert naive[0].shape == (n, 4, 4) and naive[1].shape == (n, 8, 8)
-    assert naive[0].dtype == np.int64 and naive[1].dtype == np.int64
-    for a, b in zip(naive, cached):
-        np.testing.assert_array_equal(a, b)
+    naive = PriorSampler(bundle, sessions, "naive").sample(noise, t, k)
+    cached = PriorSampler(bundle, sessions, "cached", io_binding=io_binding).sample(noise, t, k)
+    assert naive["top"].shape == (n, 4, 4) and naive["bottom"].shape == (n, 8, 8)
+    assert naive["top"].dtype == np.int64 and naive["bottom"].dtype == np.int64
+    for level in naive:
+        np.testing.assert_array_equal(naive[level], cached[level])
 
 
 def test_onnx_codes_match_torch(tiny_bundle):
     """The ONNX samplers and the torch samplers give the same codes for the same noise."""
     _, top_prior, bottom_prior = tiny_models()  # the tiny bundle was exported from these (seed 0)
     bundle = Bundle.load(tiny_bundle)
-    noise_top, noise_bottom = noise_for(bundle, 5, 2)
+    noise = noise_for(bundle, 5, 2)
     t, k = settings(2)
-    onnx_codes = PriorSampler(bundle, {}, "cached").sample(noise_top, noise_bottom, t, k)
-    torch_codes = sample_torch(top_prior, bottom_prior, noise_top, noise_bottom, t, k, "cached")
-    for a, b in zip(onnx_codes, torch_codes):
-        np.testing.assert_array_equal(a, b)
+    onnx_codes = PriorSampler(bundle, {}, "cached").sample(noise, t, k)
+    torch_codes = sample_torch({"top": top_prior, "bottom": bottom_prior}, noise, t, k, "cached")
+    for level in bundle.level_names:
+        np.testing.assert_array_equal(onnx_codes[level], torch_codes[level])
 
 
 def test_same_seed_same_codes_different_seed_different_codes(tiny_bundle):
     bundle = Bundle.load(tiny_bundle)
     sampler = PriorSampler(bundle, {}, "cached")
     t, k = settings(2)
-    a = sampler.sample(*noise_for(bundle, 1, 2), t, k)
-    b = sampler.sample(*noise_for(bundle, 1, 2), t, k)
-    c = sampler.sample(*noise_for(bundle, 2, 2), t, k)
-    np.testing.assert_array_equal(a[1], b[1])
-    assert not np.array_equal(a[1], c[1])
+    a = sampler.sample(noise_for(bundle, 1, 2), t, k)
+    b = sampler.sample(noise_for(bundle, 1, 2), t, k)
+    c = sampler.sample(noise_for(bundle, 2, 2), t, k)
+    np.testing.assert_array_equal(a["bottom"], b["bottom"])
+    assert not np.array_equal(a["bottom"], c["bottom"])
 
 
 # -- temperature and top-k ----------------------------------------------------------------------
@@ -227,13 +229,13 @@ def test_temperature_to_zero_is_argmax(tiny_bundle):
     bundle = Bundle.load(tiny_bundle)
     sessions: dict = {}
     sampler = PriorSampler(bundle, sessions, "cached")
-    noise_top, noise_bottom = noise_for(bundle, 0, 3)
+    noise = noise_for(bundle, 0, 3)
     _, k = settings(3)
-    greedy = sampler.sample(noise_top, noise_bottom, np.zeros(3, np.float32), k)
-    cold = sampler.sample(noise_top, noise_bottom, np.full(3, 1e-4, np.float32), k)
-    for a, b in zip(greedy, cold):
-        np.testing.assert_array_equal(a, b)
-    top, bottom = greedy
+    greedy = sampler.sample(noise, np.zeros(3, np.float32), k)
+    cold = sampler.sample(noise, np.full(3, 1e-4, np.float32), k)
+    for level in greedy:
+        np.testing.assert_array_equal(greedy[level], cold[level])
+    top, bottom = greedy["top"], greedy["bottom"]
     full_top = ort.InferenceSession(str(bundle.path("prior_top")), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(full_top.run(None, {"top": top})[0].argmax(1), top)
     full_bottom = ort.InferenceSession(str(bundle.path("prior_bottom")), providers=["CPUExecutionProvider"])
@@ -243,8 +245,9 @@ def test_temperature_to_zero_is_argmax(tiny_bundle):
 def test_top_k_never_outside_top_k(tiny_bundle):
     bundle = Bundle.load(tiny_bundle)
     n, kk = 4, 3
-    top, bottom = PriorSampler(bundle, {}, "cached").sample(*noise_for(bundle, 9, n),
-                                                           np.full(n, 20.0, np.float32), np.full(n, kk, np.int64))
+    codes = PriorSampler(bundle, {}, "cached").sample(noise_for(bundle, 9, n),
+                                                      np.full(n, 20.0, np.float32), np.full(n, kk, np.int64))
+    top, bottom = codes["top"], codes["bottom"]
     full_top = ort.InferenceSession(str(bundle.path("prior_top")), providers=["CPUExecutionProvider"])
     full_bottom = ort.InferenceSession(str(bundle.path("prior_bottom")), providers=["CPUExecutionProvider"])
     for codes, logits in ((top, full_top.run(None, {"top": top})[0]),
@@ -258,7 +261,7 @@ def test_top_k_never_outside_top_k(tiny_bundle):
 def test_bundle_without_step_graphs(tiny_bundle):
     """Bundles exported before issue 4: the naive sampler works, the cached one says what is missing."""
     from service.bundle import BundleError
-    from service.sampling import has_cached_graphs
+    from service.bundle.sampling import has_cached_graphs
 
     bundle = Bundle.load(tiny_bundle)
     assert has_cached_graphs(bundle)
@@ -267,21 +270,22 @@ def test_bundle_without_step_graphs(tiny_bundle):
     assert not has_cached_graphs(old)
     with pytest.raises(BundleError, match="naive"):
         PriorSampler(old, {}, "cached")
-    codes = PriorSampler(old, {}, "naive").sample(*noise_for(old, 0, 1), 1.0, 0)  # scalars broadcast
-    assert codes[1].shape == (1, 8, 8)
+    codes = PriorSampler(old, {}, "naive").sample(noise_for(old, 0, 1), 1.0, 0)  # scalars broadcast
+    assert codes["bottom"].shape == (1, 8, 8)
 
 
 def test_noise_shape_is_checked(tiny_bundle):
     bundle = Bundle.load(tiny_bundle)
-    noise_top, noise_bottom = noise_for(bundle, 0, 2)
+    noise = noise_for(bundle, 0, 2)
+    noise["top"] = noise["top"][:, :2]
     with pytest.raises(ValueError, match="shape"):
-        PriorSampler(bundle, {}, "cached").sample(noise_top[:, :2], noise_bottom, *settings(2))
+        PriorSampler(bundle, {}, "cached").sample(noise, *settings(2))
 
 
 # -- no torch in the service; CLI and bench -----------------------------------------------------
 def test_service_sampling_does_not_import_torch():
     code = ("import sys; sys.modules['torch'] = None; "
-            "import service.sampling, service.sample_cli; print('ok')")
+            "import service.runtime.sampler, service.cli; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=60, check=False)
     assert out.returncode == 0, out.stderr
@@ -292,10 +296,11 @@ def test_service_sampling_does_not_import_torch():
 def test_sample_cli(tiny_bundle, tmp_path, capsys, sampler):
     from PIL import Image
 
-    from service.sample_cli import main
+    from service.cli import _sample as main
 
     out = tmp_path / "grid.png"
-    args = argparse.Namespace(model=tiny_bundle, n=3, seed=4, temperature=1.0, top_k=5, sampler=sampler, out=out)
+    args = argparse.Namespace(model=tiny_bundle, n=3, seed=4, temperature=1.0, top_k=5, sampler=sampler, out=out,
+                              device="cpu", threads=1)
     assert main(args) == 0
     printed = capsys.readouterr().out
     codes = np.load(tmp_path / "grid.npz")
@@ -305,11 +310,11 @@ def test_sample_cli(tiny_bundle, tmp_path, capsys, sampler):
 
 
 def test_sample_cli_samplers_agree(tiny_bundle, tmp_path):
-    from service.sample_cli import main
+    from service.cli import _sample as main
 
     for sampler in ("cached", "naive"):
         main(argparse.Namespace(model=tiny_bundle, n=2, seed=8, temperature=1.0, top_k=None, sampler=sampler,
-                                out=tmp_path / f"{sampler}.png"))
+                                out=tmp_path / f"{sampler}.png", device="cpu", threads=1))
     a, b = np.load(tmp_path / "cached.npz"), np.load(tmp_path / "naive.npz")
     np.testing.assert_array_equal(a["top"], b["top"])
     np.testing.assert_array_equal(a["bottom"], b["bottom"])

@@ -11,9 +11,10 @@ from conftest import TINY_CODES, TINY_SIZE, random_images
 from PIL import Image
 from service_support import image_files, metric_value, png_bytes, run, serving
 
-from service.backend import OrtBackend, RuntimeConfig
 from service.bundle import Bundle
 from service.client import AsyncClient, AuthenticationError, Codes, InvalidRequestError
+from service.runtime.backend import OrtBackend
+from service.runtime.session import RuntimeConfig
 
 
 @pytest.fixture(scope="module")
@@ -228,7 +229,7 @@ def test_readyz_waits_for_warmup(tiny_bundle, backend):
 
     from service_support import settings_for
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     release = threading.Event()
 

@@ -10,10 +10,11 @@ import pytest
 from conftest import random_images
 from service_support import eventually, image_files, metric_value, png_bytes, run, serving
 
-from service.backend import OrtBackend, RuntimeConfig
-from service.batcher import Batcher, BatcherConfig
+from service.api.batcher import Batcher, BatcherConfig
+from service.api.errors import InferenceFailed, NotReady, Overloaded, PayloadTooLarge
 from service.bundle import Bundle
-from service.errors import InferenceFailed, NotReady, Overloaded, PayloadTooLarge
+from service.runtime.backend import OrtBackend
+from service.runtime.session import RuntimeConfig
 
 
 class Recorder:

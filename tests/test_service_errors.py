@@ -12,8 +12,9 @@ import pytest
 from conftest import random_images
 from service_support import eventually, image_files, metric_value, png_bytes, run, serving
 
-from service.backend import OrtBackend, RuntimeConfig
 from service.bundle import Bundle
+from service.runtime.backend import OrtBackend
+from service.runtime.session import RuntimeConfig
 
 
 @pytest.fixture(scope="module")

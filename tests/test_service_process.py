@@ -114,7 +114,7 @@ def test_broken_bundle_refuses_to_start_and_names_the_file(tiny_bundle, tmp_path
         with open(broken / "prior_top.onnx", "ab") as f:
             f.write(b"\0")
         name = "prior_top.onnx"
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "serve", "--model", str(broken), "--port", "0"],
+    proc = subprocess.run([sys.executable, "-m", "service.cli", "serve", "--model", str(broken), "--port", "0"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert name in proc.stderr and damage in proc.stderr
@@ -129,8 +129,8 @@ def test_the_service_never_imports_torch(tiny_bundle):
         import importlib, pkgutil, service
         for module in pkgutil.iter_modules(service.__path__):  # every module, new ones included
             importlib.import_module("service." + module.name)
-        from service.app import create_app
-        from service.config import Settings
+        from service.api.app import create_app
+        from service.api.config import Settings
 
         async def main():
             app = create_app(Settings(model_dir={str(tiny_bundle)!r}, device="cpu", intra_op_threads=1))
@@ -142,7 +142,7 @@ def test_the_service_never_imports_torch(tiny_bundle):
                     r = await c.post("/v1/sample", json={{"n": 1, "seed": 0}})
                     assert r.status_code == 200, r.text
         asyncio.run(main())
-        from training import cli
+        from service import cli
         cli.build_parser().parse_args(["serve"])
         heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "torchvision", "onnx"))
         assert not heavy, heavy

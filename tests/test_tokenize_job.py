@@ -10,10 +10,11 @@ import pytest
 from conftest import TINY_SIZE, random_images
 from service_support import png_bytes, run, serving
 
-from service.backend import OrtBackend, RuntimeConfig
 from service.bundle import Bundle
 from service.client import AsyncClient
-from service.tokenize_job import JobAborted, JobConfig, finished_paths, run_job
+from service.jobs.tokenize import JobAborted, JobConfig, finished_paths, run_job
+from service.runtime.backend import OrtBackend
+from service.runtime.session import RuntimeConfig
 
 
 @pytest.fixture(scope="module")

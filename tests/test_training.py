@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.cli import main as cli
 from tests.conftest import random_images
-from training.cli import main as cli
 from training.data import FolderSource, is_heldout
 from training.loop import read_metrics
 

@@ -1,60 +1,48 @@
-"""The ``vqtok`` command line.
+"""The training subcommands of ``vqtok``: train-vqvae, train-prior, evaluate, export, experiment.
 
-Parsers only at import time: each subcommand imports its implementation when it runs, so
-``vqtok serve`` and ``vqtok sample`` work in an install without torch.
+``service.cli`` hands these commands over, so the torch-free server never imports this package.
+Each subcommand imports its implementation when it runs.
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
+from typing import Any
 
-from service.config import DEFAULT_BUNDLE
 
-
-def _train_vqvae(args):
+def _train_vqvae(args, _check):
     from training.train_vqvae import main
     return main(args)
 
 
-def _train_prior(args):
+def _train_prior(args, _check):
     from training.train_prior import main
     return main(args)
 
 
-def _evaluate(args):
+def _evaluate(args, _check):
     from training.evaluate import main
     return main(args)
 
 
-def _export(args):
+def _export(args, check):
     from training.export_cli import main
-    return main(args)
+    return main(args, check)
 
 
-def _serve(args):
-    from service.server import serve
-    return serve(model_dir=args.model, host=args.host, port=args.port)
+def _experiment(args, _check):
+    from training.vae_prior import main
+    return main(args.rest)
 
 
-def _sample(args):
-    from service.sample_cli import main
-    return main(args)
+COMMANDS = ("train-vqvae", "train-prior", "evaluate", "export", "experiment")
 
 
-def _tokenize(args):
-    from service.tokenize_job import main
-    return main(args)
-
-
-def build_parser() -> argparse.ArgumentParser:
+def add_commands(sub: Any) -> None:
+    """Add the training subcommands to an ``add_subparsers()`` object."""
     from training.config import PriorTrainConfig, VQVAETrainConfig, add_config_args
 
-    parser = argparse.ArgumentParser(prog="vqtok", description="VQ-VAE-2 image tokenizer")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("train-vqvae", help="train the VQ-VAE-2 on an image folder or the built-in photos")
+    p = sub.add_parser("train-vqvae", help="train the VQ-VAE-2 on image folders or the built-in photos")
     p.add_argument("--run", required=True, type=Path, help="run directory (checkpoints, metrics, plots)")
     p.add_argument("--resume", action="store_true", help="continue from RUN/checkpoint.pt")
     add_config_args(p, VQVAETrainConfig)
@@ -83,38 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", type=Path, help="evaluation JSON to embed in the manifest")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("serve", help="serve a bundle over HTTP")
-    p.add_argument("--model", type=Path, default=None, help=f"bundle directory (default {DEFAULT_BUNDLE})")
-    p.add_argument("--host", default=None)
-    p.add_argument("--port", type=int, default=None)
-    p.set_defaults(func=_serve)
-
-    p = sub.add_parser("tokenize", help="tokenize an image folder through a running service (resumable)")
-    p.add_argument("dir", type=Path, help="folder of images (searched recursively)")
-    p.add_argument("--out", required=True, type=Path, help="output folder: shard-*.npz and errors.jsonl")
-    p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--api-key", default=os.environ.get("VQTOK_API_KEY"), help="default: $VQTOK_API_KEY")
-    p.add_argument("--batch", type=int, default=16, help="images per request")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
-    p.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
-    p.set_defaults(func=_tokenize)
-
-    p = sub.add_parser("sample", help="sample images from a bundle's priors")
-    p.add_argument("--model", type=Path, default=DEFAULT_BUNDLE)
-    p.add_argument("--n", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--sampler", choices=["cached", "naive"], default="cached")
-    p.add_argument("--out", type=Path, default=Path("samples.png"))
-    p.set_defaults(func=_sample)
-    return parser
+    p = sub.add_parser("experiment", help="training-side experiments: vae-prior (the lecture's flow prior)")
+    p.add_argument("name", choices=["vae-prior"])
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the experiment's own flags (--help for them)")
+    p.set_defaults(func=_experiment)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args) or 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def main(argv: list[str], check=None) -> int:
+    """Run one training subcommand. ``check`` is the export parity check (ONNX Runtime's), which
+    ``vqtok`` (``service.cli``) passes in: training never imports the runtime itself."""
+    parser = argparse.ArgumentParser(prog="vqtok")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    if check is None and args.command == "export":
+        parser.error("export needs the parity check: run it as `vqtok export` (service.cli)")
+    return args.func(args, check) or 0

@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
+
+from service.bundle.images import IMAGE_SUFFIXES, decode_rgb, open_image, thumbnail
 
 log = logging.getLogger(__name__)
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 # Colour photographs that ship inside scikit-image (and one in matplotlib). Two are held out whole.
 TRAIN_PHOTOS = ["astronaut.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
@@ -25,10 +25,9 @@ HELDOUT_PHOTOS = ["chelsea.png", "coffee.png"]
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    """Decode any PIL-readable file to uint8 RGB [H, W, 3], honouring EXIF orientation."""
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        return np.asarray(im.convert("RGB"))
+    """Decode an image file to uint8 RGB [H, W, 3] exactly as the service does (orientation, modes)."""
+    with open(path, "rb") as f, open_image(f) as im:
+        return np.asarray(decode_rgb(im))
 
 
 def photo_path(name: str) -> Path:
@@ -108,7 +107,8 @@ def is_heldout(relative: str, fraction: float) -> bool:
 
 @dataclass
 class FolderSource:
-    """Random crops from an image folder (recursive; jpg/png/webp); unreadable files are skipped."""
+    """Random crops from an image folder (recursive; the suffixes the service's jobs take); unreadable
+    files are skipped. Held-out images are the service's thumbnails of the held-out files."""
 
     root: Path
     size: int
@@ -122,7 +122,7 @@ class FolderSource:
         root = Path(root)
         files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not files:
-            raise FileNotFoundError(f"no .jpg/.png/.webp images under {root}")
+            raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
         held = [p for p in files if is_heldout(str(p.relative_to(root)), val_fraction)]
         train = [p for p in files if p not in set(held)]
         if not train or not held:
@@ -162,11 +162,17 @@ class FolderSource:
         return np.stack(crops)
 
     def heldout(self, max_images: int | None = None) -> np.ndarray:
+        """Each held-out file as ``/v1/encode?fit=center_crop`` sees it (same decoding and resampling)."""
         crops = []
         for path in self.heldout_files:
-            image = self._load(path)
-            if image is not None:
-                crops.append(center_crop(image, self.size))
+            if path in self.bad:
+                continue
+            try:
+                crops.append(thumbnail(path.read_bytes(), self.size))
+            except Exception as e:  # noqa: BLE001 - any decoder failure means "skip this file"
+                self.bad.add(path)
+                self.skipped += 1
+                log.warning("skipping unreadable image %s: %s", path, e)
             if max_images and len(crops) >= max_images:
                 break
         if not crops:
@@ -177,16 +183,6 @@ class FolderSource:
 def _cover(w: int, h: int, size: int) -> tuple[int, int]:
     scale = size / min(w, h)
     return max(size, round(w * scale)), max(size, round(h * scale))
-
-
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize the shorter side to ``size`` and take the centre square."""
-    h, w = image.shape[:2]
-    if min(h, w) != size:
-        image = np.asarray(Image.fromarray(image).resize(_cover(w, h, size), Image.BICUBIC))
-        h, w = image.shape[:2]
-    y, x = (h - size) // 2, (w - size) // 2
-    return image[y:y + size, x:x + size]
 
 
 def make_source(data: str, size: int, val_fraction: float = 0.1) -> PhotoSource | FolderSource:

@@ -2,36 +2,33 @@
 
 The graphs take and return what a service has at hand: uint8 NHWC images and int64 code grids.
 Normalisation, clamping and rounding happen inside the graphs so no client re-implements them.
+
+The parity check runs the graphs in ONNX Runtime, which belongs to the service's runtime package;
+training computes PyTorch's reference answers and takes the checker as an argument (``vqtok
+export`` passes ``service.runtime.parity.check``), so it imports nothing of the service but the
+bundle contract.
 """
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
 
 from models import VQVAE2, GatedPixelCNN
-from service.bundle import FORMAT_VERSION, MANIFEST, Bundle, sha256_file
+from service.bundle import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, Bundle, prior_graph, sha256_file
 
 OPSET = 17
 
-
-class ParityError(RuntimeError):
-    """ONNX Runtime and PyTorch disagree beyond the export tolerances."""
-
-
-@dataclass(frozen=True)
-class Tolerances:
-    code_agreement: float = 0.995  # fraction of code positions that must match
-    pixel: int = 1  # max |difference| of decoded uint8 pixels for identical codes
-    logits: float = 1e-4  # max |difference| of prior logits
+# (files by graph name, the manifest's sampling section, PyTorch's reference answers) -> parity report;
+# raises when ONNX Runtime disagrees. See ``service.runtime.parity.check``.
+ParityCheck = Callable[[dict[str, Path], dict[str, Any], dict[str, Any]], dict[str, float]]
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:
@@ -86,18 +83,14 @@ def export_onnx(module: nn.Module, args: tuple, path: Path, inputs: list[str], o
     onnx.checker.check_model(onnx.load(str(path)))
 
 
-def ort_session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 def export_bundle(vqvae: VQVAE2, prior_top: GatedPixelCNN | None, prior_bottom: GatedPixelCNN | None,
-                  out_dir: str | Path, image_size: int, check_images: np.ndarray, name: str,
-                  metrics: dict[str, Any] | None = None, training: dict[str, Any] | None = None,
-                  tolerances: Tolerances = Tolerances()) -> dict[str, Any]:
+                  out_dir: str | Path, image_size: int, check_images: np.ndarray, name: str, *,
+                  check: ParityCheck, metrics: dict[str, Any] | None = None,
+                  training: dict[str, Any] | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the bundle into ``out_dir`` and return its manifest.
 
     ``check_images`` are held-out uint8 [N, H, W, 3] images (H, W multiples of 8) on which ONNX
-    Runtime must reproduce PyTorch; a divergence raises ParityError and leaves no manifest.
+    Runtime must reproduce PyTorch: ``check`` raises on a divergence, which leaves no manifest.
     """
     out = Path(out_dir)
     if out.exists():
@@ -105,35 +98,31 @@ def export_bundle(vqvae: VQVAE2, prior_top: GatedPixelCNN | None, prior_bottom: 
     out.mkdir(parents=True)
     vqvae.eval()
     level_names = vqvae.config.level_names
+    priors = {name: p for name, p in zip(level_names, (prior_top, prior_bottom)[-len(level_names):]) if p is not None}
     images = torch.from_numpy(np.ascontiguousarray(check_images[:2]))
     files: dict[str, Path] = {}
 
-    files["encoder"] = out / "encoder.onnx"
-    export_onnx(EncoderGraph(vqvae), (images,), files["encoder"], ["images"], level_names,
+    files[ENCODER] = out / "encoder.onnx"
+    export_onnx(EncoderGraph(vqvae), (images,), files[ENCODER], ["images"], level_names,
                 {"images": {0: "batch", 1: "height", 2: "width"}, **_grid_axes(level_names)})
     with torch.no_grad():
         codes = EncoderGraph(vqvae)(images)
-    files["decoder"] = out / "decoder.onnx"
-    export_onnx(DecoderGraph(vqvae), tuple(codes), files["decoder"], level_names, ["images"],
+    files[DECODER] = out / "decoder.onnx"
+    export_onnx(DecoderGraph(vqvae), tuple(codes), files[DECODER], level_names, ["images"],
                 {**_grid_axes(level_names), "images": {0: "batch", 1: "height", 2: "width"}})
     named = dict(zip(level_names, codes))
-    if prior_top is not None:
-        files["prior_top"] = out / "prior_top.onnx"
-        export_onnx(PriorGraph(prior_top), (named["top"],), files["prior_top"], ["top"], ["logits"],
-                    {**_grid_axes(["top"]), "logits": {0: "batch", 2: "h", 3: "w"}})
-    if prior_bottom is not None:
-        files["prior_bottom"] = out / "prior_bottom.onnx"
-        export_onnx(PriorGraph(prior_bottom), (named["bottom"], named["top"]), files["prior_bottom"],
-                    ["bottom", "top"], ["logits"],
-                    {**_grid_axes(["bottom", "top"]), "logits": {0: "batch", 2: "h", 3: "w"}})
+    inputs = _prior_inputs(level_names, priors)
+    for level, prior in priors.items():
+        graph = prior_graph(level)
+        files[graph] = out / f"{graph}.onnx"
+        export_onnx(PriorGraph(prior), tuple(named[i] for i in inputs[level]), files[graph], inputs[level],
+                    ["logits"], {**_grid_axes(inputs[level]), "logits": {0: "batch", 2: "h", 3: "w"}})
 
     # Fast cached sampling (issue 4): per-prior step graphs + their cache shapes, see training/fast_sampling.py.
-    sampling = export_sampling_graphs(prior_top, prior_bottom, out, files, named)
-
-    parity = check_parity(vqvae, prior_top, prior_bottom, files, check_images, tolerances)
-    parity.update(check_sampling_parity(prior_top, prior_bottom, files, sampling, named, tolerances))
-    quant = {"top": vqvae.config.top, "bottom": vqvae.config.bottom}
+    sampling = export_sampling_graphs(priors, inputs, out, files, named)
+    parity = check(files, sampling, reference(vqvae, priors, inputs, check_images))
     strides = vqvae.config.strides
+    quant = {n: getattr(vqvae.config, n) for n in level_names}  # config fields are named after levels
     manifest = {
         "format_version": FORMAT_VERSION,
         "name": name,
@@ -141,10 +130,10 @@ def export_bundle(vqvae: VQVAE2, prior_top: GatedPixelCNN | None, prior_bottom: 
         "levels": [{"name": n, "stride": strides[n], "codebook_size": quant[n].num_codes,
                     "embedding_dim": quant[n].dim} for n in level_names],
         "files": {k: {"path": p.name, "sha256": sha256_file(p)} for k, p in files.items()},
-        "onnx": {"opset": OPSET, "producer": f"pytorch {torch.__version__}",
-                 "onnx": onnx.__version__, "checked_with_onnxruntime": ort.__version__},
+        "onnx": {"opset": OPSET, "producer": f"pytorch {torch.__version__}", "onnx": onnx.__version__},
         "parity": parity,
         **({"sampling": sampling} if sampling else {}),
+        **({"data": data} if data else {}),
         "metrics": metrics or {},
         "training": training or {},
     }
@@ -153,73 +142,44 @@ def export_bundle(vqvae: VQVAE2, prior_top: GatedPixelCNN | None, prior_bottom: 
     return manifest
 
 
+def _prior_inputs(level_names: list[str], priors: dict[str, GatedPixelCNN]) -> dict[str, list[str]]:
+    """Each prior's graph inputs: its own level, then the coarser level when it is conditioned."""
+    out = {}
+    for i, level in enumerate(level_names):
+        if level in priors:
+            conditioned = i > 0 and priors[level].config.cond_codes > 0
+            out[level] = [level, level_names[i - 1]] if conditioned else [level]
+    return out
+
+
 @torch.no_grad()
-def check_parity(vqvae: VQVAE2, prior_top: GatedPixelCNN | None, prior_bottom: GatedPixelCNN | None,
-                 files: dict[str, Path], check_images: np.ndarray, tol: Tolerances) -> dict[str, float]:
-    """Compare every graph with PyTorch on the check images; raise ParityError past a tolerance."""
-    level_names = vqvae.config.level_names
+def reference(vqvae: VQVAE2, priors: dict[str, GatedPixelCNN], inputs: dict[str, list[str]],
+              check_images: np.ndarray) -> dict[str, Any]:
+    """PyTorch's answers on the check images, in the fields of ``service.runtime.parity.Reference``."""
     images = np.ascontiguousarray(check_images)
-    torch_codes = EncoderGraph(vqvae)(torch.from_numpy(images))
-    ort_codes = ort_session(files["encoder"]).run(None, {"images": images})
-    report: dict[str, float] = {"images": len(images)}
-    for name, t, o in zip(level_names, torch_codes, ort_codes):
-        agreement = float((t.numpy() == o).mean())
-        report[f"code_agreement_{name}"] = agreement
-        if agreement < tol.code_agreement:
-            raise ParityError(f"encoder: {name} codes agree at {agreement:.4%} of positions, "
-                              f"need >= {tol.code_agreement:.1%}")
-    feeds = {n: t.numpy() for n, t in zip(level_names, torch_codes)}
-    torch_pixels = DecoderGraph(vqvae)(*torch_codes).numpy().astype(np.int16)
-    ort_pixels = ort_session(files["decoder"]).run(None, feeds)[0].astype(np.int16)
-    report["decoder_max_pixel_diff"] = int(np.abs(torch_pixels - ort_pixels).max())
-    if report["decoder_max_pixel_diff"] > tol.pixel:
-        raise ParityError(f"decoder: pixels differ by {report['decoder_max_pixel_diff']}/255 for identical codes")
-    priors = {"prior_top": (prior_top, ["top"]), "prior_bottom": (prior_bottom, ["bottom", "top"])}
-    for graph, (prior, inputs) in priors.items():
-        if prior is None:
-            continue
+    codes = dict(zip(vqvae.config.level_names, EncoderGraph(vqvae)(torch.from_numpy(images))))
+    pixels = DecoderGraph(vqvae)(*codes.values()).numpy()
+    logits = {}
+    for level, prior in priors.items():
         prior.eval()
-        expected = prior(*(torch.from_numpy(feeds[i]) for i in inputs)).numpy()
-        got = ort_session(files[graph]).run(None, {i: feeds[i] for i in inputs})[0]
-        report[f"{graph}_max_logit_diff"] = float(np.abs(expected - got).max())
-        if report[f"{graph}_max_logit_diff"] > tol.logits:
-            raise ParityError(f"{graph}: logits differ by {report[f'{graph}_max_logit_diff']:.2e} "
-                              f"(tolerance {tol.logits:.0e})")
-    return report
+        logits[level] = prior(*(codes[i] for i in inputs[level])).numpy()
+    return {"images": images, "codes": {k: v.numpy() for k, v in codes.items()}, "pixels": pixels,
+            "prior_logits": logits, "prior_inputs": inputs}
 
 
-# --- fast cached sampling (issue 4): step graphs and their teacher-forcing parity -----------------
-def export_sampling_graphs(prior_top: GatedPixelCNN | None, prior_bottom: GatedPixelCNN | None, out: Path,
+# --- fast cached sampling (issue 4): step graphs ----------------------------------------------------
+def export_sampling_graphs(priors: dict[str, GatedPixelCNN], inputs: dict[str, list[str]], out: Path,
                            files: dict[str, Path], named: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Write each prior's row/pixel(/cond) step graphs into ``out``, add them to ``files`` and
     return the manifest's ``sampling`` entry ({level: graph names and cache shapes})."""
     from training.fast_sampling import export_step_graphs
 
     sampling: dict[str, Any] = {}
-    for level, prior in (("top", prior_top), ("bottom", prior_bottom)):
-        if prior is not None:
-            grid = tuple(named[level].shape[1:])
-            cond_grid = tuple(named["top"].shape[1:]) if "top" in named else None
-            step_files, sampling[level] = export_step_graphs(prior, out, f"prior_{level}", grid, cond_grid)
-            files.update(step_files)
+    for level, prior in priors.items():
+        grid = tuple(named[level].shape[1:])
+        cond = inputs[level][1] if len(inputs[level]) > 1 else None
+        cond_grid = tuple(named[cond].shape[1:]) if cond else None
+        step_files, sampling[level] = export_step_graphs(prior, out, prior_graph(level), grid, cond_grid,
+                                                         cond_name=cond or "cond")
+        files.update(step_files)
     return sampling
-
-
-def check_sampling_parity(prior_top: GatedPixelCNN | None, prior_bottom: GatedPixelCNN | None,
-                          files: dict[str, Path], sampling: dict[str, Any], named: dict[str, torch.Tensor],
-                          tol: Tolerances) -> dict[str, float]:
-    """Teacher forcing: the step graphs' logits at every position of the check codes must match the
-    full PyTorch forward pass within ``tol.logits``."""
-    from training.fast_sampling import check_step_parity
-
-    priors = {}
-    for level, prior in (("top", prior_top), ("bottom", prior_bottom)):
-        if prior is not None:
-            cond = named["top"].numpy() if sampling[level].get("cond") else None
-            priors[level] = (prior, named[level].numpy(), cond)
-    report = check_step_parity(priors, files, sampling)
-    for key, diff in report.items():
-        if diff > tol.logits:
-            raise ParityError(f"{key.removesuffix('_max_logit_diff')} graphs: teacher-forced logits differ "
-                              f"from the full forward pass by {diff:.2e} (tolerance {tol.logits:.0e})")
-    return report

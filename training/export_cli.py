@@ -10,16 +10,18 @@ from training.loop import load_checkpoint
 from training.train_prior import load_prior, load_vqvae
 
 
-def main(args) -> int:
+def main(args, check) -> int:
+    """``check``: the parity check, ``service.runtime.parity.check`` (passed in by ``vqtok export``)."""
     vqvae = load_vqvae(args.vqvae)
     cfg = load_checkpoint(args.vqvae)["config"]
     # Parity is checked on held-out images: the same distribution the bundle will be served on.
-    check = make_source(cfg["data"], cfg["image_size"], cfg["val_fraction"]).heldout(32)
+    check_images = make_source(cfg["data"], cfg["image_size"], cfg["val_fraction"]).heldout(32)
     metrics = json.loads(args.eval.read_text()) if args.eval else {}
     training = {"vqvae": training_summary(args.vqvae), "prior_top": training_summary(args.prior_top),
                 "prior_bottom": training_summary(args.prior_bottom)}
     manifest = export_bundle(vqvae, load_prior(args.prior_top), load_prior(args.prior_bottom), args.out,
-                             cfg["image_size"], check, name=args.name, metrics=metrics, training=training)
+                             cfg["image_size"], check_images, name=args.name, check=check, metrics=metrics,
+                             training=training)
     print(json.dumps(manifest["parity"], indent=2))
     print(f"bundle written to {args.out}")
     return 0

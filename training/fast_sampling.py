@@ -24,8 +24,9 @@ twice. The caches follow the places where ``models/pixelcnn.py`` inserts zeros:
 
 The same three functions are exported as ONNX graphs (``export_step_graphs``) with every cache an
 explicit input and output. Sampling itself (Gumbel-max with temperature and top-k over pre-drawn
-noise) lives in ``service.sampling`` and is shared by the torch and ONNX samplers, so the naive
-and the cached sampler consume the same noise the same way and return the same codes.
+noise) is the bundle contract's (``service.bundle.sampling``), shared by the torch and ONNX
+samplers, so the naive and the cached sampler consume the same noise the same way and return the
+same codes. The ONNX Runtime walk over the step graphs lives in ``service.runtime.sampler``.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.pixelcnn import GatedPixelCNN
-from service.sampling import cache_zeros, pick_codes
+from service.bundle.sampling import pick_codes
 from training.export import export_onnx
 
 
@@ -179,8 +180,10 @@ class _PixelGraph(nn.Module):
 
 
 def export_step_graphs(prior: GatedPixelCNN, out_dir: str | Path, name: str, grid: tuple[int, int] = (4, 4),
-                       cond_grid: tuple[int, int] | None = None) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Write ``{name}_row.onnx``, ``{name}_pixel.onnx`` (and ``{name}_cond.onnx`` when conditioned).
+                       cond_grid: tuple[int, int] | None = None, cond_name: str = "cond"
+                       ) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Write ``{name}_row.onnx``, ``{name}_pixel.onnx`` (and ``{name}_cond.onnx`` when conditioned,
+    whose input is named ``cond_name``: the coarser level's name).
 
     ``grid`` is only the tracing shape (all spatial sizes and the batch are dynamic). Returns the
     written files keyed by graph name and the manifest ``sampling`` entry for this prior.
@@ -205,8 +208,8 @@ def export_step_graphs(prior: GatedPixelCNN, out_dir: str | Path, name: str, gri
             top = torch.randint(0, prior.config.cond_codes, (n, ch, cw))
             files[f"{name}_cond"] = out / f"{name}_cond.onnx"
             cond_axes = {k: {0: "batch", 2: "height", 3: "width"} for k in ("condv", "condh")}
-            export_onnx(_CondGraph(cp), (top,), files[f"{name}_cond"], ["top"], ["condv", "condh"],
-                    {"top": {0: "batch", 1: "top_h", 2: "top_w"}, **cond_axes})
+            export_onnx(_CondGraph(cp), (top,), files[f"{name}_cond"], [cond_name], ["condv", "condh"],
+                        {cond_name: {0: "batch", 1: f"{cond_name}_h", 2: f"{cond_name}_w"}, **cond_axes})
             info["cond"] = f"{name}_cond"
             info["condv"] = info["condh"] = ["batch", L * 2 * C, "height", "width"]
             condv, condh = cp.cond(top)
@@ -316,56 +319,15 @@ def sample_cached_torch(prior: GatedPixelCNN, noise: np.ndarray, temperature: np
     return _cached_walk(prior, n, height, width, cond, visit).numpy()
 
 
-def sample_torch(prior_top: GatedPixelCNN | None, prior_bottom: GatedPixelCNN, noise_top: np.ndarray | None,
-                 noise_bottom: np.ndarray, temperature: np.ndarray, top_k: np.ndarray, method: str = "cached"
-                 ) -> tuple[np.ndarray | None, np.ndarray]:
-    """Top codes, then bottom codes conditioned on them, with the naive or the cached sampler."""
+def sample_torch(priors: dict[str, GatedPixelCNN], noise: dict[str, np.ndarray], temperature: np.ndarray,
+                 top_k: np.ndarray, method: str = "cached") -> dict[str, np.ndarray]:
+    """Codes per level, coarsest first (the order of ``priors``), each conditioned on the previous
+    level's codes when its prior takes them; naive or cached sampler."""
     fn = {"cached": sample_cached_torch, "naive": sample_naive_torch}[method]
-    top = fn(prior_top, noise_top, temperature, top_k) if prior_top is not None else None
-    cond = torch.from_numpy(top) if top is not None and prior_bottom.config.cond_codes > 0 else None
-    return top, fn(prior_bottom, noise_bottom, temperature, top_k, cond)
-
-
-# -- ONNX Runtime teacher forcing (export parity and tests) -------------------------------------
-def teacher_forcing_ort(sessions: dict[str, Any], info: dict[str, Any], codes: np.ndarray,
-                        cond: np.ndarray | None = None) -> np.ndarray:
-    """Logits [n, K, H, W] from the step graphs (sessions keyed by graph name) fed the true codes."""
-    n, H, W = codes.shape
-    out = np.empty((n, info["num_codes"], H, W), dtype=np.float32)
-    feeds: dict[str, np.ndarray] = {"vcache": cache_zeros(info["vcache"], n, W)}
-    if info.get("cond"):
-        feeds["condv"], feeds["condh"] = sessions[info["cond"]].run(None, {"top": cond})
-    pad = np.full(n, info["pad_code"], dtype=np.int64)
-    for i in range(H):
-        feeds["codes"] = np.ascontiguousarray(codes[:, max(i - 1, 0)])
-        feeds["row"] = np.array([i], dtype=np.int64)
-        hbias, feeds["vcache"] = sessions[info["row"]].run(None, feeds)
-        hcache = cache_zeros(info["hcache"], n, W)
-        for j in range(W):
-            prev = np.ascontiguousarray(codes[:, i, j - 1]) if j > 0 else pad
-            out[:, :, i, j], hcache = sessions[info["pixel"]].run(
-                None, {"prev": prev, "col": np.array([j], dtype=np.int64), "hbias": hbias, "hcache": hcache})
+    out: dict[str, np.ndarray] = {}
+    prev = None
+    for level, prior in priors.items():
+        cond = torch.from_numpy(out[prev]) if prev is not None and prior.config.cond_codes > 0 else None
+        out[level] = fn(prior, noise[level], temperature, top_k, cond)
+        prev = level
     return out
-
-
-@torch.no_grad()
-def check_step_parity(priors: dict[str, tuple[GatedPixelCNN, np.ndarray, np.ndarray | None]],
-                      files: dict[str, Path], sampling: dict[str, Any]) -> dict[str, float]:
-    """Teacher forcing: step-graph logits (ONNX Runtime) vs full-forward PyTorch logits at every position.
-
-    ``priors`` maps a level name to (prior, codes [n, H, W], cond codes or None). Returns
-    ``{prior_<level>_step_max_logit_diff: ...}``; the caller applies the tolerance.
-    """
-    import onnxruntime as ort
-
-    report: dict[str, float] = {}
-    for level, (prior, codes, cond) in priors.items():
-        info = sampling[level]
-        graphs = [g for g in (info.get("cond"), info["row"], info["pixel"]) if g]
-        sessions = {g: ort.InferenceSession(str(files[g]), providers=["CPUExecutionProvider"]) for g in graphs}
-        prior.eval()
-        expected = prior(torch.from_numpy(codes), None if cond is None else torch.from_numpy(cond)).numpy()
-        got = teacher_forcing_ort(sessions, info, codes, cond if info.get("cond") else None)
-        key = f"prior_{level}_step_max_logit_diff"
-        report[key] = float(np.abs(expected - got).max())
-    return report

@@ -14,14 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from models import VQVAE2, GatedPixelCNN
+from service.bundle.images import psnr
 from training.export import to_model_input, to_uint8_images
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-image PSNR in dB between uint8 image batches [N, H, W, 3]."""
-    mse = ((a.astype(np.float64) - b.astype(np.float64)) / 255.0) ** 2
-    mse = mse.reshape(len(a), -1).mean(1)
-    return 10 * np.log10(1.0 / np.maximum(mse, 1e-12))
 
 
 def usage_terms(counts: np.ndarray) -> dict[str, float]:

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from PIL import Image
 
-from service.imaging import image_grid
+from service.bundle.images import image_grid
 
 
 def save_grid(images: np.ndarray, path: Path, columns: int = 8) -> None:

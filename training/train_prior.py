@@ -44,7 +44,7 @@ def split_codes(codes: dict[str, torch.Tensor], level: str) -> tuple[torch.Tenso
 def sample_codes(prior: GatedPixelCNN, n: int, h: int, w: int, cond: torch.Tensor | None,
                  seed: int = 0, temperature: float = 1.0) -> torch.Tensor:
     """Codes [n, h, w] from the prior with the cached sampler (previews and evaluation grids)."""
-    from service.sampling import gumbel_noise
+    from service.bundle.sampling import gumbel_noise
     from training.fast_sampling import sample_cached_torch
 
     noise = gumbel_noise(seed, n, h, w, prior.config.num_codes)

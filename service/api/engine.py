@@ -10,14 +10,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.backend import Backend
-from service.batcher import Batcher, BatcherConfig
-from service.config import Settings
-from service.errors import NotReady
-from service.metrics import Metrics
-from service.sampling import noise_for
+from service.api.batcher import Batcher, BatcherConfig
+from service.api.config import Settings
+from service.api.errors import NotReady
+from service.api.metrics import Metrics
+from service.bundle.sampling import noise_for
+from service.runtime.backend import Backend
 
-Codes = dict[str, np.ndarray]  # level name -> int64 [h, w]
+Codes = dict[str, np.ndarray]  # level name -> int64 [h, w] (one item's grids)
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class SampleItem:
 class Engine:
     def __init__(self, backend: Backend, settings: Settings, metrics: Metrics | None = None):
         self.backend = backend
-        self.levels = [lv["name"] for lv in backend.bundle.manifest["levels"]]
+        self.levels = backend.bundle.level_names
         self.max_delay_ms = settings.batch_delay_ms(backend.provider)
         self.streams = settings.streams_for(backend.provider)
         self.max_batch = settings.batch_size(backend.provider)
@@ -88,19 +88,15 @@ class Engine:
 
     def _sample_batch(self, items: list[SampleItem]) -> list[tuple[np.ndarray, Codes]]:
         # Each request's noise comes from its own seed, so a sample does not depend on its batch-mates.
-        streams: dict[tuple[int, int], tuple[np.ndarray | None, np.ndarray]] = {}
-        tops, bottoms = [], []
+        streams: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         for item in items:
             key = (item.seed, item.n)
             if key not in streams:
                 streams[key] = noise_for(self.backend.bundle, item.seed, item.n)
-            top, bottom = streams[key]
-            if top is not None:
-                tops.append(top[item.index])
-            bottoms.append(bottom[item.index])
+        noise = {name: np.stack([streams[(it.seed, it.n)][name][it.index] for it in items]) for name in self.levels}
         temperature = np.array([it.temperature for it in items], dtype=np.float32)
         top_k = np.array([it.top_k for it in items], dtype=np.int64)
-        codes = self.backend.sample(np.stack(tops) if tops else None, np.stack(bottoms), temperature, top_k)
+        codes = self.backend.sample(noise, temperature, top_k)
         images = self.backend.decode(codes)
         return [(images[i], {name: codes[name][i] for name in self.levels}) for i in range(len(items))]
 

@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded, PayloadTooLarge
-from service.metrics import Metrics, OpMetrics
+from service.api.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded, PayloadTooLarge
+from service.api.metrics import Metrics, OpMetrics
 
 log = logging.getLogger("vqtok.service")
 

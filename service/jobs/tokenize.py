@@ -4,7 +4,7 @@
 
 Walks DIR (recursively, in sorted order) for image files and sends them to ``/v1/encode`` in
 batches, several batches in flight. The codes go into shards, ``OUT/shard-00000.npz`` and on, each
-holding ``paths`` (relative to DIR), ``top`` and ``bottom`` (uint16 [n, h, w]). Images are fitted to
+holding ``paths`` (relative to DIR) and one uint16 [n, h, w] array per level (``top``, ``bottom``). Images are fitted to
 the model's size (``fit=center_crop``), so every grid in a shard has the same shape.
 
 One bad file never stops the job: a batch the service refuses because of one file is retried file
@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from service.bundle.images import IMAGE_SUFFIXES
+from service.bundle.wire import to_uint16
 from service.client import (
     AsyncClient,
     BadRequestError,
@@ -38,7 +40,6 @@ from service.client import (
     VqtokError,
 )
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FILE_ERRORS = (BadRequestError, PayloadTooLargeError, InvalidRequestError)  # about a file: record and go on
 
 
@@ -111,8 +112,8 @@ class ShardWriter:
             return
         final = self.out / f"shard-{self.next_index:05d}.npz"
         tmp = final.with_suffix(".tmp.npz")
-        np.savez(tmp, paths=np.array(self.paths), top=np.stack([c.top for c in self.codes]).astype(np.uint16),
-                 bottom=np.stack([c.bottom for c in self.codes]).astype(np.uint16))
+        levels = {name: to_uint16(np.stack([c[name] for c in self.codes])) for name in self.codes[0]}
+        np.savez(tmp, paths=np.array(self.paths), **levels)
         os.replace(tmp, final)  # a shard is there whole or not at all
         self.next_index += 1
         self.written += 1

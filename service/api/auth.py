@@ -11,8 +11,8 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import error_body
-from service.middleware import send_json
+from service.api.errors import error_body
+from service.api.middleware import send_json
 
 PROTECTED_PREFIX = "/v1/"
 SECURITY_SCHEME = {"bearer": {"type": "http", "scheme": "bearer",

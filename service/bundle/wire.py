@@ -1,5 +1,6 @@
 """Code grids on the wire: nested JSON lists, or ``{"shape", "dtype": "uint16", "data"}`` (base64,
-little-endian), the compact form for clients that care about bytes.
+little-endian), the compact form for clients that care about bytes. The server, the client and the
+jobs all read and write grids through this module.
 
 Parsing raises ``ValueError`` with a message for people; the caller adds the field's name.
 """
@@ -71,9 +72,22 @@ def check_range(grid: np.ndarray, num_codes: int) -> str | None:
     return None
 
 
-def grid_to_wire(grid: np.ndarray, fmt: GridFormat) -> Any:
+def grid_to_wire(grid: np.ndarray, fmt: GridFormat = "b64") -> Any:
     """int [h, w] -> nested lists (``tolist`` is the fastest way to JSON) or the compact form."""
     if fmt == "b64":
+        grid = np.asarray(grid)
+        if grid.ndim != 2:
+            raise ValueError(f"a code grid must be 2-D, got shape {grid.shape}")
+        if grid.size and (grid.min() < 0 or grid.max() > 0xFFFF):
+            raise ValueError("codes must be in [0, 65535] for the uint16 wire form")
         data = np.ascontiguousarray(grid, dtype=_LE_U16).tobytes()
         return {"shape": list(grid.shape), "dtype": WIRE_DTYPE, "data": base64.b64encode(data).decode("ascii")}
     return grid.tolist()
+
+
+def to_uint16(grid: np.ndarray) -> np.ndarray:
+    """The storage form of a grid (shards, npz): uint16, refusing codes that do not fit."""
+    grid = np.asarray(grid)
+    if grid.size and (grid.min() < 0 or grid.max() > 0xFFFF):
+        raise ValueError("codes must be in [0, 65535] to be stored as uint16")
+    return grid.astype(np.uint16)

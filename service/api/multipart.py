@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from service.errors import BadRequest, PayloadTooLarge
+from service.api.errors import BadRequest, PayloadTooLarge
 
 
 @dataclass

@@ -20,9 +20,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from service.codes import GridFormat, check_range, grid_to_wire
-from service.engine import Codes, SampleItem
-from service.errors import (
+from service.api.decoding import Fit, load_image
+from service.api.engine import Codes, SampleItem
+from service.api.errors import (
     ApiError,
     PayloadTooLarge,
     Unprocessable,
@@ -30,9 +30,8 @@ from service.errors import (
     error_body,
     unprocessable_from,
 )
-from service.imaging import Fit, load_image, psnr, to_png
-from service.multipart import read_multipart
-from service.schemas import (
+from service.api.multipart import read_multipart
+from service.api.schemas import (
     DecodeRequest,
     DecodeResponse,
     EncodeJsonRequest,
@@ -44,7 +43,9 @@ from service.schemas import (
     SampleRequest,
     SampleResponse,
 )
-from service.state import ServiceState
+from service.api.state import ServiceState
+from service.bundle.images import psnr, to_png
+from service.bundle.wire import GridFormat, check_range, grid_to_wire
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -193,12 +194,19 @@ def validate_codes(req: DecodeRequest, st: ServiceState) -> list[Codes]:
     levels = st.bundle.levels
     out = []
     for i, item in enumerate(req.items):
+        unknown = sorted(set(item) - set(levels))
+        if unknown:
+            raise Unprocessable(f"items[{i}].{unknown[0]}: not a level of this bundle (its levels: "
+                                f"{', '.join(levels)})", code="invalid_request")
         codes: Codes = {}
         size: tuple[int, int] | None = None
         first = None
         for name, level in levels.items():
-            grid = getattr(item, name)
             field = f"items[{i}].{name}"
+            if name not in item:
+                raise Unprocessable(f"{field}: field required (one grid per level: {', '.join(levels)})",
+                                    code="invalid_request")
+            grid = item[name]
             problem = check_range(grid, level.codebook_size)
             if problem:
                 raise Unprocessable(f"{field}: {problem}", code="invalid_codes")
@@ -215,6 +223,11 @@ def validate_codes(req: DecodeRequest, st: ServiceState) -> list[Codes]:
                                 f"{st.settings.max_native_pixels} pixels", code="invalid_codes")
         out.append(codes)
     return out
+
+
+def _finite(db: np.ndarray) -> float | None:
+    """JSON has no infinity: identical images (infinite PSNR) answer null."""
+    return float(db) if np.isfinite(db) else None
 
 
 def encode_pngs(images: list[np.ndarray], level: int) -> list[str]:
@@ -273,7 +286,7 @@ async def reconstruct(request: Request):
 
     recon = await unless_client_gone(request, both())
     pngs = await pngs_b64(recon, st)
-    items = [{"height": a.shape[0], "width": a.shape[1], "image": png, "psnr": psnr(a, b)}
+    items = [{"height": a.shape[0], "width": a.shape[1], "image": png, "psnr": _finite(psnr(a, b))}
              for a, b, png in zip(images, recon, pngs)]
     return fast_json({"model": st.bundle.name, "items": items})
 

@@ -12,11 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# ONNX Runtime's name for the CUDA execution provider; defaults below depend on it.
-CUDA = "CUDAExecutionProvider"
-
-# The shipped bundle, next to the packages (same place ``training.cli`` points at).
-DEFAULT_BUNDLE = Path(__file__).resolve().parent.parent / "artifacts" / "default"
+from service.bundle import DEFAULT_BUNDLE
+from service.runtime.session import CUDA
 
 
 class Settings(BaseSettings):
@@ -58,6 +55,8 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(1, ge=1)
     ort_spinning: bool = False
     sampler: Literal["cached", "naive"] = "cached"
+    # CUDA only: allow TF32 convolutions (faster, but the codes then differ from the CPU's in ~1 % of places).
+    tf32: bool = False
 
     png_compress_level: int = Field(1, ge=0, le=9)  # fast: the PNGs are small and latency counts
     log_level: str = "info"

@@ -7,8 +7,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge, error_body
-from service.metrics import Metrics
+from service.api.errors import PayloadTooLarge, error_body
+from service.api.metrics import Metrics
 
 
 class BodyLimit:

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
-from service.codes import GridFormat, parse_grid
+from service.bundle.wire import GridFormat, parse_grid
 
 _B64_GRID_SCHEMA = {
     "type": "object",
@@ -44,9 +44,10 @@ class EncodeJsonRequest(_Strict):
     images: list[str] = Field(min_length=1, description="base64-encoded image files (PNG, JPEG, ...)")
 
 
-class DecodeItem(_Strict):
-    top: Grid
-    bottom: Grid
+# One grid per level of the bundle, keyed by level name (GET /v1/model lists the levels; the default
+# bundle's are "top" and "bottom"). Which keys must be there is checked against the bundle.
+LEVELS_DOC = "one code grid per level of the bundle, keyed by level name (see GET /v1/model), e.g. top and bottom"
+DecodeItem = Annotated[dict[str, Grid], Field(description=LEVELS_DOC, min_length=1)]
 
 
 class DecodeRequest(_Strict):
@@ -73,10 +74,11 @@ WireGrid = list[list[int]] | B64Grid
 
 
 class EncodedItem(BaseModel):
+    """``height``, ``width``, and one grid per level of the bundle, keyed by level name."""
+
+    model_config = ConfigDict(extra="allow")
     height: int
     width: int
-    top: WireGrid
-    bottom: WireGrid
 
 
 class EncodeResponse(BaseModel):
@@ -101,16 +103,14 @@ class ReconstructResponse(BaseModel):
     items: list[ReconstructedItem]
 
 
-class CodePair(BaseModel):
-    top: WireGrid
-    bottom: WireGrid
+CodeGrids = Annotated[dict[str, WireGrid], Field(description=LEVELS_DOC)]
 
 
 class SampleResponse(BaseModel):
     model: str
     seed: int
     images: list[str] = Field(description="base64 PNGs")
-    codes: list[CodePair] | None = None
+    codes: list[CodeGrids] | None = None
 
 
 class LevelInfo(BaseModel):

@@ -15,17 +15,18 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
-from service.auth import ApiKeyAuth, document_security
-from service.backend import Backend, OrtBackend, RuntimeConfig
+from service.api.auth import ApiKeyAuth, document_security
+from service.api.config import Settings
+from service.api.decoding import ImageLimits
+from service.api.engine import Engine
+from service.api.errors import install_handlers
+from service.api.metrics import Metrics
+from service.api.middleware import BodyLimit, RequestMetrics
+from service.api.router import EXTRA_SCHEMAS, health, v1
+from service.api.state import ServiceState
 from service.bundle import Bundle
-from service.config import CUDA, Settings
-from service.engine import Engine
-from service.errors import install_handlers
-from service.imaging import ImageLimits
-from service.metrics import Metrics
-from service.middleware import BodyLimit, RequestMetrics
-from service.router import EXTRA_SCHEMAS, health, v1
-from service.state import ServiceState
+from service.runtime.backend import Backend, OrtBackend
+from service.runtime.session import CUDA, RuntimeConfig
 
 log = logging.getLogger("vqtok.service")
 
@@ -37,7 +38,8 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
     # The provider is not known yet: warm up the largest batch any provider would run (cheap on CPU).
     return RuntimeConfig(device=settings.device, intra_op_threads=settings.intra_op_threads,
                          inter_op_threads=settings.inter_op_threads, spinning=settings.ort_spinning,
-                         sampler=settings.sampler, warmup_batch=settings.batch_size(CUDA))
+                         sampler=settings.sampler, warmup_batch=settings.batch_size(CUDA),
+                         tf32=settings.tf32)
 
 
 def load_backend(bundle: Bundle, settings: Settings) -> OrtBackend:

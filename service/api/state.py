@@ -5,13 +5,13 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.backend import Backend
+from service.api.config import Settings
+from service.api.decoding import ImageLimits
+from service.api.engine import Engine
+from service.api.errors import NotReady
+from service.api.metrics import Metrics
 from service.bundle import Bundle
-from service.config import Settings
-from service.engine import Engine
-from service.errors import NotReady
-from service.imaging import ImageLimits
-from service.metrics import Metrics
+from service.runtime.backend import Backend
 
 
 @dataclass

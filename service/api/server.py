@@ -13,10 +13,10 @@ from pathlib import Path
 import uvicorn
 from pydantic import ValidationError
 
-from service.app import create_app, load_backend
-from service.backend import DeviceUnavailable
-from service.bundle import Bundle, BundleError
-from service.config import DEFAULT_BUNDLE, Settings
+from service.api.app import create_app, load_backend
+from service.api.config import Settings
+from service.bundle import DEFAULT_BUNDLE, Bundle, BundleError
+from service.runtime.session import DeviceUnavailable
 
 log = logging.getLogger("vqtok.service")
 

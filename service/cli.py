@@ -1,0 +1,135 @@
+"""The ``vqtok`` command line.
+
+Parsers only at import time: each subcommand imports its implementation when it runs. ``serve``,
+``sample`` and ``tokenize`` are torch-free; the training subcommands (``train-vqvae``,
+``train-prior``, ``evaluate``, ``export``, ``experiment``) are handed to ``training.cli`` whole, so
+an install without torch never imports the training package.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from service.bundle import DEFAULT_BUNDLE
+
+TRAINING_COMMANDS = {
+    "train-vqvae": "train the VQ-VAE-2 on image folders or the built-in photos",
+    "train-prior": "train a gated PixelCNN prior over the frozen VQ-VAE's codes",
+    "evaluate": "held-out metrics (JSON + Markdown)",
+    "export": "export a bundle (ONNX + manifest) and check parity with ONNX Runtime",
+    "experiment": "training-side experiments: vae-prior",
+}
+
+
+def _serve(args) -> int:
+    from service.api.server import serve
+
+    return serve(model_dir=args.model, host=args.host, port=args.port)
+
+
+def _tokenize(args) -> int:
+    from service.jobs.tokenize import main
+
+    return main(args)
+
+
+def _sample(args) -> int:
+    """Sample code grids from a bundle's priors, decode them, write a PNG grid and the codes (.npz)."""
+    import numpy as np
+    from PIL import Image
+
+    from service.bundle import Bundle
+    from service.bundle.images import image_grid
+    from service.bundle.sampling import noise_for
+    from service.runtime.backend import OrtBackend
+    from service.runtime.session import RuntimeConfig
+
+    if args.n < 1:
+        raise SystemExit("--n must be >= 1")
+    bundle = Bundle.load(args.model)
+    threads = int(args.threads or os.environ.get("VQTOK_ORT_THREADS", "0"))
+    backend = OrtBackend(bundle, RuntimeConfig(device=args.device, intra_op_threads=threads, sampler=args.sampler))
+    if not backend.can_sample:
+        raise SystemExit(f"bundle {bundle.name} has no priors to sample from")
+    n = args.n
+    t0 = time.perf_counter()
+    codes = backend.sample(noise_for(bundle, args.seed, n), np.full(n, args.temperature, dtype=np.float32),
+                           np.full(n, args.top_k or 0, dtype=np.int64))
+    t1 = time.perf_counter()
+    images = backend.decode(codes)
+    t2 = time.perf_counter()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(image_grid(images)).save(out)
+    codes_path = out.with_suffix(".npz")
+    np.savez_compressed(codes_path, **codes, seed=args.seed, temperature=args.temperature,
+                        top_k=args.top_k or 0, sampler=backend.sampler_method, bundle=bundle.name)
+    timing = {"sampler": backend.sampler_method, "n": n, "prior_s": round(t1 - t0, 4),
+              "decode_s": round(t2 - t1, 4), "total_s": round(t2 - t0, 4), "samples_per_s": round(n / (t2 - t0), 3)}
+    print(f"images: {out}")
+    print(f"codes: {codes_path}")
+    print(f"timing: {json.dumps(timing)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vqtok", description="VQ-VAE-2 image tokenizer")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="serve a bundle over HTTP")
+    p.add_argument("--model", type=Path, default=None, help=f"bundle directory (default {DEFAULT_BUNDLE})")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("tokenize", help="tokenize an image folder through a running service (resumable)")
+    p.add_argument("dir", type=Path, help="folder of images (searched recursively)")
+    p.add_argument("--out", required=True, type=Path, help="output folder: shard-*.npz and errors.jsonl")
+    p.add_argument("--url", default="http://127.0.0.1:8000")
+    p.add_argument("--api-key", default=os.environ.get("VQTOK_API_KEY"), help="default: $VQTOK_API_KEY")
+    p.add_argument("--batch", type=int, default=16, help="images per request")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
+    p.set_defaults(func=_tokenize)
+
+    p = sub.add_parser("sample", help="sample images from a bundle's priors")
+    p.add_argument("--model", type=Path, default=DEFAULT_BUNDLE)
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--sampler", choices=["cached", "naive"], default="cached")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--out", type=Path, default=Path("samples.png"))
+    p.set_defaults(func=_sample)
+
+    for name, text in TRAINING_COMMANDS.items():
+        # Listed for --help; parsed by training.cli (needs the [train] extra).
+        sub.add_parser(name, help=text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in TRAINING_COMMANDS:
+        try:
+            from training.cli import main as training_main
+        except ImportError as e:
+            print(f"vqtok {argv[0]}: needs the training extra (pip install 'vqtok[train]'): {e}", file=sys.stderr)
+            return 2
+        check = None
+        if argv[0] == "export":
+            from service.runtime.parity import check
+        return training_main(argv, check)
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

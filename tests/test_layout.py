@@ -1,0 +1,104 @@
+"""The import rules of the layout (README, "Layout"): which package may import which.
+
+- Nothing in ``service/`` imports torch, ``training`` or ``models`` (checked by importing every
+  module in a fresh interpreter).
+- ``training/`` imports nothing of ``service/`` but ``service.bundle``.
+- Inside ``service/`` each package imports only the ones below it, so there are no circles.
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# package -> the project packages it may import (besides itself). ``service.cli`` imports lazily
+# whatever a subcommand needs, training included.
+ALLOWED = {
+    "service.bundle": set(),
+    "service.runtime": {"service.bundle"},
+    "service.api": {"service.bundle", "service.runtime"},
+    "service.client": {"service.bundle"},
+    "service.jobs": {"service.bundle", "service.runtime", "service.client"},
+    "training": {"models", "service.bundle", "training"},
+    "models": set(),
+}
+PROJECT = ("service", "training", "models")
+
+
+def _modules(package: str) -> list[Path]:
+    base = ROOT / package.replace(".", "/")
+    return sorted(base.rglob("*.py")) if base.is_dir() else [base.with_suffix(".py")]
+
+
+def _imports(path: Path) -> set[str]:
+    """Every project module a file imports, at any depth (lazy imports inside functions count)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return {m for m in found if m.split(".")[0] in PROJECT}
+
+
+def _owner(module: str) -> str:
+    for package in sorted(ALLOWED, key=len, reverse=True):
+        if module == package or module.startswith(package + "."):
+            return package
+    return module
+
+
+def test_packages_import_only_what_the_layout_allows():
+    problems = []
+    for package, allowed in ALLOWED.items():
+        for path in _modules(package):
+            for module in _imports(path):
+                target = _owner(module)
+                if target != package and target not in allowed:
+                    problems.append(f"{path.relative_to(ROOT)} imports {module}")
+    assert not problems, "\n".join(problems)
+
+
+def test_training_imports_only_the_bundle_contract_of_the_service():
+    imported = {m for path in _modules("training") for m in _imports(path) if m.startswith("service")}
+    assert imported, "training should use the bundle contract"
+    assert all(m == "service.bundle" or m.startswith("service.bundle.") for m in imported), imported
+
+
+def test_service_modules_import_without_torch_training_or_models():
+    modules = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+                     for p in (ROOT / "service").rglob("*.py"))
+    assert len(modules) > 20
+    script = (
+        "import importlib, sys\n"
+        f"for m in {modules!r}:\n"
+        "    importlib.import_module(m)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'training', 'models'))\n"
+        "print('BAD', bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("BAD []"), out.stdout
+
+
+def test_level_names_are_not_spelled_out_in_the_service():
+    """Level names come from the manifest: no "top"/"bottom" string literals in service code."""
+    offenders = []
+    for path in (ROOT / "service").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in ("top", "bottom"):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not offenders, offenders
+
+
+def test_dockerfile_copies_only_what_the_server_needs():
+    import re
+
+    text = (ROOT / "Dockerfile").read_text()
+    copied = {src for line in re.findall(r"^COPY (.+)$", text, re.MULTILINE) for src in line.split()[:-1]}
+    assert "service" in copied and "artifacts/default" in copied
+    assert not copied & {"models", "training", "tests", "bench"}, copied
