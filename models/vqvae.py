@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from models.quantizer import QuantizerConfig, VectorQuantizerEMA
+from models.quantizer import QuantizerConfig, make_quantizer
 
 BOTTOM_STRIDE = 4
 TOP_STRIDE = 8
@@ -26,7 +26,8 @@ class VQVAEConfig:
     bottom: QuantizerConfig = field(default_factory=QuantizerConfig)
 
     def __post_init__(self):
-        # Configs come back from JSON as dicts; rebuild the nested dataclasses.
+        # Configs come back from JSON as dicts; rebuild the nested dataclasses. Quantizer fields
+        # added later (kind, gradient, ...) take their defaults, so old configs build the old model.
         if isinstance(self.top, dict):
             self.top = QuantizerConfig(**self.top)
         if isinstance(self.bottom, dict):
@@ -90,7 +91,7 @@ class VQVAE2(nn.Module):
             d_t = config.top.dim
             self.enc_top = downsampler(c, c, 2, config)
             self.pre_quant_top = nn.Conv2d(c, d_t, 1)
-            self.quant_top = VectorQuantizerEMA(config.top)
+            self.quant_top = make_quantizer(config.top)
             # The bottom quantizer sees the encoder features next to the decoded top codes,
             # so the bottom level only has to encode what the top level missed.
             self.dec_top = upsampler(d_t, d_t, 2, config)
@@ -100,7 +101,7 @@ class VQVAE2(nn.Module):
         else:
             self.pre_quant_bottom = nn.Conv2d(c, d_b, 1)
             dec_in = d_b
-        self.quant_bottom = VectorQuantizerEMA(config.bottom)
+        self.quant_bottom = make_quantizer(config.bottom)
         self.decoder = upsampler(dec_in, 3, 4, config)
 
     def encode(self, x: torch.Tensor, training: bool = False) -> dict[str, dict[str, torch.Tensor]]:
