@@ -32,7 +32,8 @@ def _export(args, check):
 
 def _experiment(args, _check):
     from training.vae_prior import main
-    return main(args.rest)
+    main(args.rest)  # returns the report dict, which it has also written to --out
+    return 0
 
 
 COMMANDS = ("train-vqvae", "train-prior", "evaluate", "export", "experiment")
