@@ -102,3 +102,38 @@ def test_dockerfile_copies_only_what_the_server_needs():
     copied = {src for line in re.findall(r"^COPY (.+)$", text, re.MULTILINE) for src in line.split()[:-1]}
     assert "service" in copied and "artifacts/default" in copied
     assert not copied & {"models", "training", "tests", "bench"}, copied
+
+
+def test_no_import_circles():
+    """No module imports (even lazily) a module that imports it back, directly or around a loop."""
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for package in PROJECT for p in (ROOT / package).rglob("*.py")}
+    graph = {}
+    for module, path in files.items():
+        targets = set()
+        for imported in _imports(path):
+            # "from service.bundle import Bundle" is an arrow to the package's __init__ (a module of its own)
+            while imported and imported not in files:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != module:
+                targets.add(imported)
+        graph[module] = targets
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, stack: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph[node]:
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, [*stack, nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    # A package __init__ re-exporting its submodules is not a circle of logic.
+    cycles = [c for c in cycles if not any(m.endswith(("service.bundle", "models")) and
+                                           graph.get(m) and set(c) <= {m, *graph[m]} for m in c)]
+    assert not cycles, cycles

@@ -1,19 +1,18 @@
 """Every quantizer kind exports to the bundle's graph interface and runs in ONNX Runtime like PyTorch.
 
-The graphs mirror training/export.py (EncoderGraph: uint8 NHWC images -> int64 codes per level;
-DecoderGraph: codes -> uint8 images; legacy exporter, dynamo=False, opset 17, dynamic batch and
-grid axes), so a kind that passes here exports into an unchanged bundle format.
+The graphs are training/export.py's (EncoderGraph: uint8 NHWC images -> int64 codes per level;
+DecoderGraph: codes -> uint8 images) through its one export path, so a kind that passes here
+exports into an unchanged bundle format.
 """
 import numpy as np
-import onnx
-import onnxruntime as ort
 import pytest
 import torch
-from torch import nn
 
 from models import VQVAE2, QuantizerConfig, VQVAEConfig
+from service.runtime.session import RuntimeConfig, open_session
+from training.export import DecoderGraph, EncoderGraph
+from training.onnx_graph import export_onnx
 
-OPSET = 17  # training/export.py
 CASES = {
     "ema-ste": {"kind": "ema", "num_codes": 16, "dim": 8},
     "ema-rotation": {"kind": "ema", "num_codes": 16, "dim": 8, "gradient": "rotation"},
@@ -21,28 +20,6 @@ CASES = {
     "factorized-rotation": {"kind": "factorized", "num_codes": 16, "dim": 8, "code_dim": 4, "gradient": "rotation"},
     "fsq-ste": {"kind": "fsq", "num_codes": 24, "dim": 8, "fsq_levels": (3, 4, 2)},
 }
-
-
-class EncoderGraph(nn.Module):
-    def __init__(self, vqvae: VQVAE2):
-        super().__init__()
-        self.vqvae = vqvae
-
-    def forward(self, images):
-        x = images.permute(0, 3, 1, 2).to(torch.float32) / 127.5 - 1.0
-        levels = self.vqvae.encode(x, training=False)
-        return tuple(levels[name]["codes"] for name in self.vqvae.config.level_names)
-
-
-class DecoderGraph(nn.Module):
-    def __init__(self, vqvae: VQVAE2):
-        super().__init__()
-        self.vqvae = vqvae
-
-    def forward(self, *codes):
-        named = dict(zip(self.vqvae.config.level_names, codes))
-        x = self.vqvae.decode_codes(named["bottom"], named.get("top"))
-        return ((x + 1.0) * 127.5).clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 
 @torch.no_grad()
@@ -70,14 +47,8 @@ def spread_codes(vqvae: VQVAE2, x: torch.Tensor) -> None:
 
 
 def export(module, args, path, inputs, outputs, dynamic_axes):
-    module.eval()
-    with torch.no_grad():
-        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
-                          dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False)
-    onnx.checker.check_model(onnx.load(str(path)))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    export_onnx(module, args, path, inputs, outputs, dynamic_axes)
+    return open_session(path, RuntimeConfig(device="cpu", intra_op_threads=1))
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -23,8 +23,7 @@ from torch import nn
 
 from models import VQVAE2, GatedPixelCNN
 from service.bundle import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, Bundle, prior_graph, sha256_file
-
-OPSET = 17
+from training.onnx_graph import OPSET, export_onnx
 
 # (files by graph name, the manifest's sampling section, PyTorch's reference answers) -> parity report;
 # raises when ONNX Runtime disagrees. See ``service.runtime.parity.check``.
@@ -72,15 +71,6 @@ class PriorGraph(nn.Module):
 
 def _grid_axes(names: list[str]) -> dict[str, dict[int, str]]:
     return {n: {0: "batch", 1: f"{n}_h", 2: f"{n}_w"} for n in names}
-
-
-def export_onnx(module: nn.Module, args: tuple, path: Path, inputs: list[str], outputs: list[str],
-                dynamic_axes: dict[str, dict[int, str]]) -> None:
-    module.eval()
-    with torch.no_grad():
-        torch.onnx.export(module, args, str(path), input_names=inputs, output_names=outputs,
-                          dynamic_axes=dynamic_axes, opset_version=OPSET, dynamo=False)
-    onnx.checker.check_model(onnx.load(str(path)))
 
 
 def export_bundle(vqvae: VQVAE2, prior_top: GatedPixelCNN | None, prior_bottom: GatedPixelCNN | None,

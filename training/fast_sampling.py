@@ -43,7 +43,7 @@ from torch import nn
 
 from models.pixelcnn import GatedPixelCNN
 from service.bundle.sampling import pick_codes
-from training.export import export_onnx
+from training.onnx_graph import export_onnx
 
 
 class CachedPrior(nn.Module):

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from service.bundle import DECODER, ENCODER, prior_graph
 from service.runtime.sampler import teacher_forcing
@@ -41,11 +42,11 @@ class Reference:
 
 
 def check(files: dict[str, Path], sampling: dict[str, Any], reference: dict[str, Any],
-          tol: Tolerances = Tolerances()) -> dict[str, float]:
+          tol: Tolerances = Tolerances()) -> dict[str, Any]:
     """The parity report; raises ParityError past a tolerance. ``reference`` holds ``Reference``'s
     fields (a plain dict, so the exporter needs nothing from this package)."""
     ref = Reference(**reference)
-    report: dict[str, float] = {"images": len(ref.images)}
+    report: dict[str, Any] = {"images": len(ref.images), "checked_with_onnxruntime": ort.__version__}
     encoder = open_session(files[ENCODER])
     outputs = [o.name for o in encoder.get_outputs()]
     got_codes = dict(zip(outputs, encoder.run(None, {"images": np.ascontiguousarray(ref.images)})))
@@ -76,7 +77,7 @@ def check(files: dict[str, Path], sampling: dict[str, Any], reference: dict[str,
     return report
 
 
-def _within(report: dict[str, float], key: str, diff: float, tol: Tolerances, what: str) -> None:
+def _within(report: dict[str, Any], key: str, diff: float, tol: Tolerances, what: str) -> None:
     report[key] = float(diff)
     if diff > tol.logits:
         raise ParityError(f"{what}: logits differ from PyTorch by {diff:.2e} (tolerance {tol.logits:.0e})")
