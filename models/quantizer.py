@@ -128,6 +128,24 @@ def _usage_stats(codes: torch.Tensor, num_codes: int) -> tuple[torch.Tensor, tor
     return usage, torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_reduce_sum(*tensors: torch.Tensor) -> None:
+    """Under DDP, sum EMA statistics over all processes, so every rank makes the same update."""
+    if _distributed():
+        for t in tensors:
+            torch.distributed.all_reduce(t)
+
+
+def _broadcast_from_first(*tensors: torch.Tensor) -> None:
+    """Under DDP, take rank 0's values (codes drawn from one rank's encoder outputs)."""
+    if _distributed():
+        for t in tensors:
+            torch.distributed.broadcast(t, 0)
+
+
 def _autocast_off(t: torch.Tensor):
     device = t.device.type
     if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):
@@ -216,12 +234,16 @@ class VectorQuantizerEMA(Quantizer):
         self.embed_sum.copy_(flat[idx])
         self.cluster_size.fill_(1.0)
         self.initialized.fill_(True)
+        _broadcast_from_first(self.embedding, self.embed_sum)
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, codes: torch.Tensor, usage: torch.Tensor) -> None:
         c = self.config
-        self.cluster_size.mul_(c.decay).add_(usage, alpha=1 - c.decay)
         sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, flat)
+        if _distributed():
+            usage = usage.clone()  # the caller's batch usage stays this rank's
+            _all_reduce_sum(usage, sums)
+        self.cluster_size.mul_(c.decay).add_(usage, alpha=1 - c.decay)
         self.embed_sum.mul_(c.decay).add_(sums, alpha=1 - c.decay)
         n = self.cluster_size.sum()
         smoothed = (self.cluster_size + c.eps) / (n + c.num_codes * c.eps) * n
@@ -240,6 +262,8 @@ class VectorQuantizerEMA(Quantizer):
         self.embedding[dead] = fresh
         self.embed_sum[dead] = fresh
         self.cluster_size[dead] = 1.0
+        # Every rank has the same dead codes (equal cluster sizes); all take rank 0's restarts.
+        _broadcast_from_first(self.embedding, self.embed_sum)
 
 
 # --- "factorized": low-dimensional l2-normalised codes ---------------------------------------------

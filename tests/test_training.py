@@ -4,15 +4,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from service.cli import main as cli
 from tests.conftest import random_images
-from training.data import FolderSource, is_heldout
+from training.data import is_heldout, make_source
 from training.loop import read_metrics
 
 TINY_MODEL = ["--image-size", "32", "--batch-size", "8", "--channels", "16", "--res-channels", "8",
-              "--res-blocks", "1", "--codes", "32", "--embed-dim", "8", "--log-every", "1"]
+              "--res-blocks", "1", "--codes", "32", "--embed-dim", "8", "--log-every", "1", "--warmup", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +35,38 @@ def losses(run: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run) if r["split"] == "train"]
 
 
-def test_folder_source_skips_corrupt_files(image_folder):
-    src = FolderSource.build(image_folder, 32, val_fraction=0.2)
+def test_packed_source_skips_corrupt_files_and_reuses_its_cache(image_folder, tmp_path, monkeypatch):
+    src = make_source(str(image_folder), 32, val_fraction=0.2, cache_dir=tmp_path)
     assert len(src.train_files) + len(src.heldout_files) == 27
-    bad_in_train = {p for p in src.train_files if p.name in {"garbage.png", "empty.jpg", "truncated.png"}}
+    bad_in_train = {str(p) for p in src.train_files if p.name in {"garbage.png", "empty.jpg", "truncated.png"}}
+    assert bad_in_train and set(src.pack.skipped) == bad_in_train and src.skipped == len(bad_in_train)
+    assert len(src.pack.files) == len(src.train_files) - len(bad_in_train)
     rng = np.random.default_rng(0)
-    for _ in range(30):
+    for _ in range(10):
         batch = src.sample_batch(rng, 8)
         assert batch.shape == (8, 32, 32, 3) and batch.dtype == np.uint8
-    assert src.skipped == len(bad_in_train) and src.bad == bad_in_train
     held = src.heldout()
     assert held.shape[1:] == (32, 32, 3)
     # The split is by file and deterministic: no file is on both sides.
     assert not set(src.train_files) & set(src.heldout_files)
     assert all(is_heldout(str(p.relative_to(image_folder)), 0.2) for p in src.heldout_files)
+    # Decoded once: a second source reads the pack from the cache (the same pixels, no decoding).
+    (cache,) = tmp_path.glob("packed-*")
+    assert np.load(cache / "pixels.npy", mmap_mode="r").size == src.pack.pixels.numel()
+    monkeypatch.setattr("training.data.load_rgb", lambda path: pytest.fail(f"decoded {path} again"))
+    again = make_source(str(image_folder), 32, val_fraction=0.2, cache_dir=tmp_path)
+    assert torch.equal(again.pack.pixels, src.pack.pixels) and again.pack.files == src.pack.files
+    assert np.array_equal(again.sample_batch(np.random.default_rng(5), 4), src.sample_batch(np.random.default_rng(5), 4))
+
+
+def test_several_sources_are_packed_together(image_folder, tmp_path):
+    src = make_source(f"{image_folder},photos", 32, val_fraction=0.2)
+    assert [s.spec for s in src.splits] == [str(image_folder), "photos"]
+    assert any(p.name == "astronaut.png" for p in src.train_files)
+    assert {"chelsea.png", "coffee.png"} <= {p.name for p in src.heldout_files}
+    # Crops span scales: the whole 512 px astronaut shrunk to 32 px down to 32 px of it at full size.
+    batch = src.sample_batch(np.random.default_rng(0), 64)
+    assert batch.shape == (64, 32, 32, 3) and batch.std() > 10
 
 
 def test_train_resume_prior_evaluate_export(image_folder, tmp_path):

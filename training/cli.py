@@ -60,7 +60,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--prior-top", type=Path, help="top prior run directory or checkpoint")
     p.add_argument("--prior-bottom", type=Path, help="bottom prior run directory or checkpoint")
     p.add_argument("--out", type=Path, help="output directory (default: the VQ-VAE run directory)")
-    p.add_argument("--max-images", type=int, default=512, help="held-out crops to evaluate")
+    p.add_argument("--max-images", type=int, default=512, help="held-out files to evaluate")
+    p.add_argument("--no-native", action="store_true",
+                   help="thumbnails only: skip the native-size evaluation and the JPEG/WebP comparison")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("export", help="export a bundle (ONNX + manifest) and check parity")

@@ -15,7 +15,12 @@ C = TypeVar("C")
 
 @dataclass
 class VQVAETrainConfig:
-    data: str = "photos"  # "photos" (built in) or an image folder
+    data: str = "photos"  # comma-separated sources: "photos" (built in) and/or image folders
+    data_terms: str = ""  # the folders' terms of use, recorded in the bundle's manifest
+    cache: str = ""  # directory of the packed training images ("" = RUN/cache)
+    cache_side: int = 256  # the pack keeps each image's shorter side at most this (and at least image_size)
+    device: str = "auto"  # "auto" (CUDA when torch sees it), "cpu" or "cuda"
+    threads: int = 0  # torch CPU threads (0 = torch's default)
     image_size: int = 64
     batch_size: int = 64
     steps: int = 5000
@@ -29,6 +34,10 @@ class VQVAETrainConfig:
     res_channels: int = 32
     codes: int = 512
     embed_dim: int = 64
+    quantizer: str = "ema"  # models.quantizer KINDS: "ema", "factorized" or "fsq"
+    gradient: str = "ste"  # "ste" or "rotation" (the rotation trick)
+    code_dim: int = 8  # "factorized": dimension of the l2-normalised codes
+    fsq_levels: str = "8,8,8"  # "fsq": levels per dimension; their product must equal --codes
     log_every: int = 10
     eval_every: int = 500
     ckpt_every: int = 250
@@ -36,7 +45,9 @@ class VQVAETrainConfig:
     def model_config(self):
         from models import QuantizerConfig, VQVAEConfig
 
-        quant = QuantizerConfig(num_codes=self.codes, dim=self.embed_dim)
+        quant = QuantizerConfig(num_codes=self.codes, dim=self.embed_dim, kind=self.quantizer,
+                                gradient=self.gradient, code_dim=self.code_dim,
+                                fsq_levels=tuple(int(n) for n in self.fsq_levels.split(",")))
         return VQVAEConfig(levels=self.levels, channels=self.channels, res_blocks=self.res_blocks,
                            res_channels=self.res_channels, top=quant, bottom=QuantizerConfig(**asdict(quant)))
 
@@ -46,6 +57,10 @@ class PriorTrainConfig:
     vqvae: str = ""  # VQ-VAE run directory or checkpoint (required)
     level: str = "top"  # "top" or "bottom" (the bottom prior is conditioned on the top codes)
     data: str = "photos"
+    cache: str = ""  # packed training images ("" = the VQ-VAE run's cache when --vqvae is a run directory)
+    cache_side: int = 256
+    device: str = "auto"
+    threads: int = 0
     image_size: int = 64
     batch_size: int = 64
     steps: int = 3000
@@ -70,7 +85,7 @@ class PriorTrainConfig:
 
 
 # Fields that may change when resuming: they steer the run, not what is being trained.
-RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "ckpt_every"}
+RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "ckpt_every", "cache", "device", "threads"}
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -1,21 +1,36 @@
 """``vqtok evaluate``: held-out numbers for a VQ-VAE and its priors, as JSON and Markdown.
 
-Every number comes from images the models never trained on (photos or files held out whole).
+Every number comes from files the models never trained on (held out whole, see ``training.data``):
+
+* thumbnails: each file exactly as ``/v1/encode`` sees it by default (shorter side to the model
+  size, centre crop): PSNR, SSIM, code usage with the ELBO-surgery terms, prior bits per code;
+* native size: each whole file as ``fit=none`` takes it (cropped to a multiple of the coarsest
+  stride), through the fully convolutional encoder and decoder: PSNR, and the code length under the
+  priors (-log2 p of each code) in bits per pixel; then JPEG and WebP at the same number of bytes
+  (ceil(bits / 8)) file by file, and the PSNR gap to each.
 """
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
+from service.bundle.images import crop_to_multiple, psnr
 from training import plots
-from training.data import make_source
+from training.codecs import at_budget
+from training.data import heldout_files, load_rgb, thumbnails
 from training.export import to_uint8_images
 from training.loop import checkpoint_path, load_checkpoint
-from training.metrics import prior_nll_bits, vqvae_metrics
+from training.metrics import encode_batches, prior_bits, usage_terms, vqvae_metrics
 from training.train_prior import load_prior, load_vqvae, sample_codes, split_codes
+
+CODECS = ("JPEG", "WEBP")
+log = logging.getLogger(__name__)
 
 
 def training_summary(path: Path) -> dict[str, Any]:
@@ -25,45 +40,95 @@ def training_summary(path: Path) -> dict[str, Any]:
             "image_size": cfg["image_size"], "checkpoint": str(checkpoint_path(path))}
 
 
-def evaluate(vqvae_path: Path, prior_paths: dict[str, Path | None], max_images: int) -> dict[str, Any]:
+def level_report(vqvae, recon: dict[str, float], codes: dict[str, torch.Tensor], priors: dict) -> dict[str, Any]:
+    """Per level: usage terms (from ``vqvae_metrics``) and, with a prior, its bits per code."""
+    out = {}
+    for name in vqvae.config.level_names:
+        level = {k[len(name) + 1:]: v for k, v in recon.items() if k.startswith(name + "_")}
+        level["positions_per_image"] = int(codes[name][0].numel())
+        if name in priors:
+            target, cond = split_codes(codes, name)
+            level["prior_bits_per_code"] = float(prior_bits(priors[name], target, cond).sum() / target.numel())
+            level["prior_gain_bits"] = level["log2_K"] - level["prior_bits_per_code"]
+        out[name] = level
+    return out
+
+
+@torch.no_grad()
+def native_report(vqvae, priors: dict, files: list[Path], multiple: int) -> dict[str, Any]:
+    """Whole held-out files at native size: PSNR, code length under the priors, JPEG/WebP at those bytes."""
+    rows, counts = [], {n: 0 for n in vqvae.config.level_names}
+    for path in files:
+        try:
+            image = crop_to_multiple(load_rgb(path), multiple)
+        except Exception as e:  # noqa: BLE001 - unreadable files are skipped, as in training
+            log.warning("skipping unreadable image %s: %s", path, e)
+            continue
+        if min(image.shape[:2]) < multiple:
+            continue
+        _, codes, recon = next(encode_batches(vqvae, image[None]))
+        counts = {n: counts[n] + np.bincount(c.flatten().numpy(), minlength=getattr(vqvae.config, n).num_codes)
+                  for n, c in codes.items()}
+        row: dict[str, Any] = {"file": path.name, "height": image.shape[0], "width": image.shape[1],
+                               "psnr": float(psnr(image, recon[0]))}
+        if len(priors) == len(codes):
+            bits = sum(float(prior_bits(priors[n], *split_codes(codes, n)).sum()) for n in codes)
+            budget = math.ceil(bits / 8)
+            row.update(bits=bits, bytes=budget, bits_per_pixel=bits / (image.shape[0] * image.shape[1]))
+            for fmt in CODECS:
+                coded = at_budget(image, fmt, budget)
+                row[fmt.lower()] = {"psnr": coded.psnr, "bytes": coded.bytes, "quality": coded.quality,
+                                    "over_budget": coded.over_budget}
+        rows.append(row)
+    report: dict[str, Any] = {"images": len(rows), "psnr": float(np.mean([r["psnr"] for r in rows])),
+                              "codes_used_pct": {n: usage_terms(c)["codes_used_pct"] for n, c in counts.items()}}
+    if rows and "bits" in rows[0]:
+        report["bits_per_pixel"] = float(np.mean([r["bits_per_pixel"] for r in rows]))
+        for fmt in (f.lower() for f in CODECS):
+            ps = np.array([r[fmt]["psnr"] for r in rows])
+            report[fmt] = {"psnr": float(ps.mean()),
+                           "gap_db": float(report["psnr"] - ps.mean()),  # > 0: the tokenizer is better
+                           "wins": int(sum(r["psnr"] > r[fmt]["psnr"] for r in rows)),
+                           "over_budget": int(sum(r[fmt]["over_budget"] for r in rows))}
+    report["per_image"] = rows
+    return report
+
+
+def evaluate(vqvae_path: Path, prior_paths: dict[str, Path | None], max_images: int | None,
+             native: bool = True) -> dict[str, Any]:
     vqvae = load_vqvae(vqvae_path)
     cfg = load_checkpoint(vqvae_path)["config"]
-    source = make_source(cfg["data"], cfg["image_size"], cfg["val_fraction"])
-    images = source.heldout(max_images)
+    files = heldout_files(cfg["data"], cfg["val_fraction"])[:max_images]
+    images = thumbnails(files, cfg["image_size"], set())
+    priors = {n: load_prior(p) for n, p in prior_paths.items() if p is not None}
     recon, codes = vqvae_metrics(vqvae, images)
     report: dict[str, Any] = {
         "heldout_images": len(images), "image_size": cfg["image_size"], "data": cfg["data"],
         "reconstruction": {k: recon[k] for k in ("psnr", "mse", "ssim")},
-        "levels": {}, "training": {"vqvae": training_summary(vqvae_path)},
+        "levels": level_report(vqvae, recon, codes, priors),
+        "training": {"vqvae": training_summary(vqvae_path),
+                     **{f"prior_{n}": training_summary(p) for n, p in prior_paths.items() if p is not None}},
     }
-    total_uniform, total_prior = 0.0, 0.0
-    for name in vqvae.config.level_names:
-        level = {k[len(name) + 1:]: v for k, v in recon.items() if k.startswith(name + "_")}
-        positions = int(codes[name][0].numel())
-        level["positions_per_image"] = positions
-        total_uniform += positions * level["log2_K"]
-        path = prior_paths.get(name)
-        if path is not None:
-            target, cond = split_codes(codes, name)
-            level["prior_bits_per_code"] = prior_nll_bits(load_prior(path), target, cond)
-            level["prior_gain_bits"] = level["log2_K"] - level["prior_bits_per_code"]
-            total_prior += positions * level["prior_bits_per_code"]
-            report["training"][f"prior_{name}"] = training_summary(path)
-        report["levels"][name] = level
-    report["code_length_bits_per_image"] = {"uniform_prior": total_uniform}
-    if all(prior_paths.get(n) for n in vqvae.config.level_names):
-        report["code_length_bits_per_image"]["learned_prior"] = total_prior
+    positions = {n: lv["positions_per_image"] for n, lv in report["levels"].items()}
+    report["code_length_bits_per_image"] = {
+        "uniform_prior": sum(positions[n] * lv["log2_K"] for n, lv in report["levels"].items())}
+    if len(priors) == len(positions):
+        report["code_length_bits_per_image"]["learned_prior"] = sum(
+            positions[n] * lv["prior_bits_per_code"] for n, lv in report["levels"].items())
+    if native:
+        report["native"] = native_report(vqvae, priors, files, max(vqvae.config.strides[n] for n in positions))
     return report
 
 
 def to_markdown(report: dict[str, Any]) -> str:
     r = report["reconstruction"]
-    lines = [f"Held-out: {report['heldout_images']} crops of {report['image_size']}x{report['image_size']} "
-             f"from images never trained on ({report['data']}).", "",
+    size = report["image_size"]
+    lines = [f"Held-out: {report['heldout_images']} files never trained on ({report['data']}).", "",
              "| metric | value |", "|---|---|",
-             f"| PSNR | {r['psnr']:.2f} dB |", f"| MSE (0-1 scale) | {r['mse']:.5f} |", f"| SSIM | {r['ssim']:.4f} |"]
+             f"| thumbnails {size}x{size}: PSNR | {r['psnr']:.2f} dB |",
+             f"| thumbnails: MSE (0-1 scale) | {r['mse']:.5f} |", f"| thumbnails: SSIM | {r['ssim']:.4f} |"]
     for name, lv in report["levels"].items():
-        lines += [f"| {name}: codes used | {lv['codes_used_pct']:.1f} % of {2 ** round(lv['log2_K'])} |",
+        lines += [f"| {name}: codes used (thumbnails) | {lv['codes_used_pct']:.1f} % of {2 ** round(lv['log2_K'])} |",
                   f"| {name}: perplexity | {lv['perplexity']:.1f} |",
                   f"| {name}: I[x,z] = H(usage) | {lv['mutual_information_bits']:.3f} bits |",
                   f"| {name}: KL(q_agg ‖ uniform) = log2 K − H | {lv['kl_qagg_uniform_bits']:.3f} bits |"]
@@ -71,13 +136,25 @@ def to_markdown(report: dict[str, Any]) -> str:
             lines.append(f"| {name}: prior NLL | {lv['prior_bits_per_code']:.3f} bits/code "
                          f"(log2 K = {lv['log2_K']:.0f}, gain {lv['prior_gain_bits']:.3f}) |")
     for kind, bits in report["code_length_bits_per_image"].items():
-        lines.append(f"| code length, {kind.replace('_', ' ')} | {bits:.0f} bits/image |")
+        lines.append(f"| thumbnail code length, {kind.replace('_', ' ')} | {bits:.0f} bits/image |")
+    nat = report.get("native")
+    if nat:
+        lines.append(f"| native size ({nat['images']} files): PSNR | {nat['psnr']:.2f} dB |")
+        for name, pct in nat["codes_used_pct"].items():
+            lines.append(f"| native size: {name} codes used | {pct:.1f} % |")
+        if "bits_per_pixel" in nat:
+            lines.append(f"| native size: code length under the priors | {nat['bits_per_pixel']:.3f} bits/pixel |")
+            for fmt in ("jpeg", "webp"):
+                c = nat[fmt]
+                over = f", {c['over_budget']} over budget at lowest quality" if c["over_budget"] else ""
+                lines.append(f"| native size: {fmt.upper()} at the same bytes | {c['psnr']:.2f} dB "
+                             f"(tokenizer {c['gap_db']:+.2f} dB, better on {c['wins']}/{nat['images']}{over}) |")
     return "\n".join(lines) + "\n"
 
 
 def main(args) -> int:
     priors = {"top": args.prior_top, "bottom": args.prior_bottom}
-    report = evaluate(args.vqvae, priors, args.max_images)
+    report = evaluate(args.vqvae, priors, args.max_images, native=not args.no_native)
     out = Path(args.out or (args.vqvae if Path(args.vqvae).is_dir() else Path(args.vqvae).parent))
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=2))

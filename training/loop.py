@@ -95,6 +95,7 @@ class Run:
     rng: np.random.Generator
     step: int = 0
     extra: dict[str, Any] | None = None  # kind-specific facts stored with the checkpoint
+    main: bool = True  # False on DDP ranks other than 0: they neither write nor evaluate
 
     def state(self) -> dict[str, Any]:
         return {"kind": self.kind, "config": asdict(self.config), "step": self.step,
@@ -114,16 +115,21 @@ class Run:
         self.step = ckpt["step"]
         # After a hard kill the log may run past the checkpoint; those steps will be redone.
         kept = [r for r in read_metrics(self.directory) if r["step"] <= self.step]
-        (self.directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if self.main:
+            (self.directory / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def save(self) -> Path:
         path = self.directory / CHECKPOINT
+        if not self.main:
+            return path
         tmp = path.with_suffix(".tmp")
         torch.save(self.state(), tmp)
         os.replace(tmp, path)  # atomic: a crash mid-write never leaves a torn checkpoint
         return path
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
         with open(self.directory / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, **record}) + "\n")
 
@@ -134,7 +140,8 @@ def train(run: Run, step_fn: Callable[[], dict[str, float]],
     cfg = run.config
     run.directory.mkdir(parents=True, exist_ok=True)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {run.kind}", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {run.kind}", dynamic_ncols=True,
+               disable=not run.main)
     started, last_step = time.perf_counter(), run.step
     try:
         while run.step < cfg.steps:
@@ -148,7 +155,7 @@ def train(run: Run, step_fn: Callable[[], dict[str, float]],
                 metrics["lr"] = run.scheduler.get_last_lr()[0]
                 run.log({"split": "train", **metrics})
                 bar.set_postfix(postfix(metrics))
-            if run.step % cfg.eval_every == 0 or run.step == cfg.steps:
+            if run.main and (run.step % cfg.eval_every == 0 or run.step == cfg.steps):
                 run.log({"split": "heldout", **eval_fn()})
             if run.step % cfg.ckpt_every == 0:
                 run.save()

@@ -32,12 +32,14 @@ def usage_terms(counts: np.ndarray) -> dict[str, float]:
 def encode_batches(model: VQVAE2, images: np.ndarray, batch: int = 64):
     """Yield (images, codes per level, reconstructed uint8 images) batch by batch."""
     model.eval()
+    device = next(model.parameters()).device
     for i in range(0, len(images), batch):
         chunk = images[i:i + batch]
-        levels = model.encode(to_model_input(torch.from_numpy(np.ascontiguousarray(chunk))), training=False)
+        x = to_model_input(torch.from_numpy(np.ascontiguousarray(chunk)).to(device))
+        levels = model.encode(x, training=False)
         q_top = levels["top"]["quantized"] if "top" in levels else None
-        recon = to_uint8_images(model.decode_quantized(levels["bottom"]["quantized"], q_top)).numpy()
-        yield chunk, {name: lv["codes"] for name, lv in levels.items()}, recon
+        recon = to_uint8_images(model.decode_quantized(levels["bottom"]["quantized"], q_top)).cpu().numpy()
+        yield chunk, {name: lv["codes"].cpu() for name, lv in levels.items()}, recon
 
 
 def vqvae_metrics(model: VQVAE2, images: np.ndarray,
@@ -72,14 +74,21 @@ def code_counts(model: VQVAE2, codes: dict[str, torch.Tensor]) -> dict[str, np.n
 
 
 @torch.no_grad()
+def prior_bits(prior: GatedPixelCNN, codes: torch.Tensor, cond: torch.Tensor | None = None,
+               batch: int = 64) -> torch.Tensor:
+    """Code length -log2 p(codes) under the prior, in bits, per grid: float64 [N] for codes [N, h, w]."""
+    prior.eval()
+    device = next(prior.parameters()).device
+    out = []
+    for i in range(0, len(codes), batch):
+        c = codes[i:i + batch].to(device)
+        logits = prior(c, None if cond is None else cond[i:i + batch].to(device))
+        nats = F.cross_entropy(logits.float(), c, reduction="none").double().flatten(1).sum(1)
+        out.append(nats.cpu() / math.log(2))
+    return torch.cat(out)
+
+
 def prior_nll_bits(prior: GatedPixelCNN, codes: torch.Tensor, cond: torch.Tensor | None = None,
                    batch: int = 64) -> float:
     """Mean negative log-likelihood of code grids [N, h, w] in bits per code."""
-    prior.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(codes), batch):
-        c = codes[i:i + batch]
-        logits = prior(c, None if cond is None else cond[i:i + batch])
-        total += float(F.cross_entropy(logits, c, reduction="sum"))
-        count += c.numel()
-    return total / count / math.log(2)
+    return float(prior_bits(prior, codes, cond, batch).sum()) / codes.numel()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,8 +17,18 @@ from models import VQVAE2, GatedPixelCNN
 from training import plots
 from training.config import PriorTrainConfig
 from training.data import make_source
+from training.distributed import place
 from training.export import to_model_input, to_uint8_images
-from training.loop import Run, load_model, read_metrics, resolve_config, train, warmup_cosine
+from training.loop import (
+    Run,
+    checkpoint_path,
+    load_checkpoint,
+    load_model,
+    read_metrics,
+    resolve_config,
+    train,
+    warmup_cosine,
+)
 from training.metrics import prior_nll_bits
 
 
@@ -31,9 +42,19 @@ def load_prior(path) -> GatedPixelCNN:
 
 
 @torch.no_grad()
-def encode_codes(vqvae: VQVAE2, images: np.ndarray) -> dict[str, torch.Tensor]:
-    levels = vqvae.encode(to_model_input(torch.from_numpy(np.ascontiguousarray(images))), training=False)
+def encode_codes(vqvae: VQVAE2, images: np.ndarray | torch.Tensor) -> dict[str, torch.Tensor]:
+    """Code grids per level, on the VQ-VAE's device, for uint8 images [N, H, W, 3]."""
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    device = next(vqvae.parameters()).device
+    levels = vqvae.encode(to_model_input(images.to(device)), training=False)
     return {name: lv["codes"] for name, lv in levels.items()}
+
+
+def vqvae_cache(vqvae_path) -> Path:
+    """The packed training images of a VQ-VAE run (its --cache, else RUN/cache)."""
+    cfg = load_checkpoint(vqvae_path)["config"]
+    return Path(cfg["cache"]) if cfg.get("cache") else checkpoint_path(vqvae_path).parent / "cache"
 
 
 def split_codes(codes: dict[str, torch.Tensor], level: str) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -59,7 +80,8 @@ def main(args) -> int:
         raise SystemExit("--level must be top or bottom")
     if not cfg.vqvae:
         raise SystemExit("--vqvae (the VQ-VAE run directory) is required")
-    vqvae = load_vqvae(cfg.vqvae)
+    placement = place(cfg.device, cfg.threads)
+    vqvae = load_vqvae(cfg.vqvae).to(placement.device)
     if cfg.level not in vqvae.config.level_names:
         raise SystemExit(f"this VQ-VAE has no {cfg.level} level")
     if cfg.level == "top":
@@ -68,22 +90,25 @@ def main(args) -> int:
         num_codes, cond_codes = vqvae.config.bottom.num_codes, (vqvae.config.top.num_codes
                                                                 if vqvae.config.levels == 2 else 0)
     torch.manual_seed(cfg.seed)
-    model = GatedPixelCNN(cfg.model_config(num_codes, cond_codes))
+    model = GatedPixelCNN(cfg.model_config(num_codes, cond_codes)).to(placement.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps))
     run = Run("prior", args.run, cfg, model, optimizer, scheduler, np.random.default_rng(cfg.seed),
               extra={"level": cfg.level})
     if ckpt is not None:
         run.restore(ckpt)
-    source = make_source(cfg.data, cfg.image_size, cfg.val_fraction)
+    cache = Path(cfg.cache) if cfg.cache else vqvae_cache(cfg.vqvae)
+    source = make_source(cfg.data, cfg.image_size, cfg.val_fraction, cache, cfg.cache_side).to(placement.device)
     held_target, held_cond = split_codes(encode_codes(vqvae, source.heldout()), cfg.level)
     log2k = math.log2(num_codes)
     args.run.mkdir(parents=True, exist_ok=True)
 
     def step() -> dict[str, float]:
         model.train()
-        target, cond = split_codes(encode_codes(vqvae, source.sample_batch(run.rng, cfg.batch_size)), cfg.level)
-        loss = F.cross_entropy(model(target, cond), target)
+        target, cond = split_codes(encode_codes(vqvae, source.crops(run.rng, cfg.batch_size)), cfg.level)
+        with placement.autocast():
+            logits = model(target, cond)
+        loss = F.cross_entropy(logits.float(), target)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         run.optimizer.step()
@@ -97,7 +122,8 @@ def main(args) -> int:
     train(run, step, evaluate, lambda m: {"bits/code": f"{m['bits_per_code']:.3f}"})
     plots.save_curves(read_metrics(args.run), ["bits_per_code"], args.run / "loss_curves.png",
                       f"{cfg.level} prior (log2 K = {log2k:.0f})")
-    preview(model, vqvae, cfg.level, held_target, held_cond, args.run)
+    cpu = (lambda t: None if t is None else t.cpu())  # the cached sampler of the preview runs on the CPU
+    preview(model.cpu(), vqvae.cpu(), cfg.level, cpu(held_target), cpu(held_cond), args.run)
     final = [r for r in read_metrics(args.run) if r.get("split") == "heldout"][-1]
     print(f"done: step {run.step}, held-out {final['bits_per_code']:.3f} bits/code (log2 K = {log2k:.0f})")
     return 0
