@@ -18,6 +18,7 @@ from pydantic.json_schema import models_json_schema
 from service.api.auth import ApiKeyAuth, document_security
 from service.api.config import Settings
 from service.api.decoding import ImageLimits
+from service.api.demo import install_demo
 from service.api.engine import Engine
 from service.api.errors import install_handlers
 from service.api.metrics import Metrics
@@ -117,6 +118,7 @@ def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None
     install_handlers(app)
     app.include_router(health)
     app.include_router(v1)
+    install_demo(app)  # the page at /demo (open; the API it calls is not)
     # Added last = outermost: metrics see every status, and the key is checked before the body limit.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyAuth, keys=settings.api_keys)

@@ -44,7 +44,9 @@ class Engine:
         self.encoder = Batcher("encode", self._encode_batch, _shape_key, cfg, metrics)
         self.decoder = Batcher("decode", self._decode_batch, _codes_key, cfg, metrics)
         self.sampler: Batcher | None = None
+        self.scorer: Batcher | None = None  # code lengths under the priors (?bits=true)
         if backend.can_sample:
+            self.scorer = Batcher("bits", self._bits_batch, _codes_key, cfg, metrics)
             # One sampling loop at a time, whatever the streams: requests that arrive while it runs
             # share the next loop, which costs far less CPU than a loop each (one thread: 8 samples
             # take 2.8x as long as 1, bench/results/sampling_1thread.json).
@@ -55,7 +57,7 @@ class Engine:
 
     @property
     def batchers(self) -> list[Batcher]:
-        return [b for b in (self.encoder, self.decoder, self.sampler) if b is not None]
+        return [b for b in (self.encoder, self.decoder, self.sampler, self.scorer) if b is not None]
 
     def start(self) -> None:
         for b in self.batchers:
@@ -77,14 +79,26 @@ class Engine:
             raise NotReady("this bundle has no priors, so it cannot sample", code="sampling_unavailable")
         return await self.sampler.run(items, deadline)
 
+    async def code_bits(self, codes: list[Codes], deadline: float | None) -> list[dict[str, float]] | None:
+        """Each item's code length in bits per level under the learned priors; None without priors."""
+        if self.scorer is None:
+            return None
+        return await self.scorer.run(codes, deadline)
+
     # -- batch functions (run in each batcher's thread) ----------------------------------------
     def _encode_batch(self, images: list[np.ndarray]) -> list[Codes]:
         out = self.backend.encode(np.stack(images))
         return [{name: out[name][i] for name in self.levels} for i in range(len(images))]
 
+    def _stack(self, codes: list[Codes]) -> Codes:
+        return {name: np.stack([c[name] for c in codes]) for name in self.levels}
+
     def _decode_batch(self, codes: list[Codes]) -> list[np.ndarray]:
-        stacked = {name: np.stack([c[name] for c in codes]) for name in self.levels}
-        return list(self.backend.decode(stacked))
+        return list(self.backend.decode(self._stack(codes)))
+
+    def _bits_batch(self, codes: list[Codes]) -> list[dict[str, float]]:
+        bits = self.backend.code_bits(self._stack(codes))
+        return [{name: float(bits[name][i]) for name in self.levels} for i in range(len(codes))]
 
     def _sample_batch(self, items: list[SampleItem]) -> list[tuple[np.ndarray, Codes]]:
         # Each request's noise comes from its own seed, so a sample does not depend on its batch-mates.

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from service.api.decoding import Fit, load_image
-from service.api.engine import Codes, SampleItem
+from service.api.engine import Codes, Engine, SampleItem
 from service.api.errors import (
     ApiError,
     PayloadTooLarge,
@@ -44,8 +44,10 @@ from service.api.schemas import (
     SampleResponse,
 )
 from service.api.state import ServiceState
+from service.bundle import Level
 from service.bundle.images import psnr, to_png
 from service.bundle.wire import GridFormat, check_range, grid_to_wire
+from service.runtime.codelength import uniform_bits
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -81,9 +83,34 @@ class QueryChoice:
         return value
 
 
+FLAG_VALUES = {"true": True, "1": True, "false": False, "0": False}
+
+
+class QueryFlag:
+    """A boolean query parameter (``true``/``false``, ``1``/``0``), read the same direct way."""
+
+    def __init__(self, name: str, description: str):
+        self.name = name
+        self.openapi = {"name": name, "in": "query", "required": False, "description": description,
+                        "schema": {"type": "boolean", "default": False}}
+
+    def __call__(self, request: Request) -> bool:
+        value = request.query_params.get(self.name)
+        if value is None:
+            return False
+        if value.lower() not in FLAG_VALUES:
+            raise Unprocessable(f"{self.name}: must be true or false, got {value!r}")
+        return FLAG_VALUES[value.lower()]
+
+
 FIT = QueryChoice("fit", Fit, "center_crop", "center_crop: resize the shorter side to the model's size and "
                   "crop the centre; none: native size (sides multiples of the coarsest stride)")
 GRID_FORMAT = QueryChoice("format", GridFormat, "list", "list: nested JSON lists; b64: compact uint16 grids")
+BITS = QueryFlag("bits", "also answer each item's code length in bits: uniform (log2 K per code) and under the "
+                 "learned priors (−Σ log2 p(code | earlier codes), the PixelCNNs' teacher-forced pass), per level "
+                 "and in total; prior is null for a bundle without priors")
+INCLUDE_INPUT = QueryFlag("include_input", "also answer the input as the model saw it (after the fit), as a "
+                          "base64 PNG: the image the PSNR is measured against")
 
 IMAGES_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["images"], "properties": {
@@ -230,6 +257,30 @@ def _finite(db: np.ndarray) -> float | None:
     return float(db) if np.isfinite(db) else None
 
 
+def bits_json(levels: dict[str, Level], codes: Codes, prior: dict[str, float] | None) -> dict[str, Any]:
+    per_level = {name: {"uniform": uniform_bits(*codes[name].shape, level.codebook_size),
+                        "prior": None if prior is None else prior[name]} for name, level in levels.items()}
+    return {"uniform": sum(v["uniform"] for v in per_level.values()),
+            "prior": None if prior is None else sum(prior.values()), "levels": per_level}
+
+
+async def prior_bits_if(asked: bool, engine: Engine, codes: list[Codes], deadline: float) -> list[Any]:
+    """Per item, {level: bits} under the priors (their own batcher), or None when not asked or no priors."""
+    prior = await engine.code_bits(codes, deadline) if asked else None
+    return prior if prior is not None else [None] * len(codes)
+
+
+async def encode_scored(engine: Engine, images: list[np.ndarray], deadline: float,
+                        bits: bool) -> tuple[list[Codes], list[Any]]:
+    codes = await engine.encode(images, deadline)
+    return codes, await prior_bits_if(bits, engine, codes, deadline)
+
+
+def add_bits(items: list[dict[str, Any]], levels: dict[str, Level], codes: list[Codes], prior: list[Any]) -> None:
+    for item, c, p in zip(items, codes, prior):
+        item["bits"] = bits_json(levels, c, p)
+
+
 def encode_pngs(images: list[np.ndarray], level: int) -> list[str]:
     return [base64.b64encode(to_png(im, level)).decode("ascii") for im in images]
 
@@ -241,17 +292,19 @@ async def pngs_b64(images: list[np.ndarray], st: ServiceState) -> list[str]:
 
 # --- endpoints ---------------------------------------------------------------------------------
 @v1.post("/encode", response_model=EncodeResponse,
-         openapi_extra={**IMAGES_BODY, "parameters": [FIT.openapi, GRID_FORMAT.openapi]},
+         openapi_extra={**IMAGES_BODY, "parameters": [FIT.openapi, GRID_FORMAT.openapi, BITS.openapi]},
          summary="Images to code grids")
 async def encode(request: Request):
-    fit, fmt = FIT(request), GRID_FORMAT(request)
+    fit, fmt, bits = FIT(request), GRID_FORMAT(request), BITS(request)
     st = get_state(request)
     engine = st.require_ready()
     deadline = st.deadline()
     images = await read_images(request, st, fit)
-    codes = await unless_client_gone(request, engine.encode(images, deadline))
+    codes, prior = await unless_client_gone(request, encode_scored(engine, images, deadline, bits))
     items = [{"height": im.shape[0], "width": im.shape[1], **{k: grid_to_wire(g, fmt) for k, g in c.items()}}
              for im, c in zip(images, codes)]
+    if bits:
+        add_bits(items, st.bundle.levels, codes, prior)
     return fast_json({"model": st.bundle.name, "items": items})
 
 
@@ -272,22 +325,33 @@ async def decode(request: Request):
 
 
 @v1.post("/reconstruct", response_model=ReconstructResponse,
-         openapi_extra={**IMAGES_BODY, "parameters": [FIT.openapi]},
+         openapi_extra={**IMAGES_BODY, "parameters": [FIT.openapi, BITS.openapi, INCLUDE_INPUT.openapi]},
          summary="Images through encode and decode, with PSNR")
 async def reconstruct(request: Request):
-    fit = FIT(request)
+    fit, bits, include_input = FIT(request), BITS(request), INCLUDE_INPUT(request)
     st = get_state(request)
     engine = st.require_ready()
     deadline = st.deadline()
     images = await read_images(request, st, fit)
 
-    async def both() -> list[np.ndarray]:
-        return await engine.decode(await engine.encode(images, deadline), deadline)
+    async def both() -> tuple[list[Codes], list[np.ndarray], list[Any]]:
+        codes = await engine.encode(images, deadline)
+        if not bits:
+            return codes, await engine.decode(codes, deadline), [None] * len(codes)
+        # Decoding and scoring are separate batchers: run them at once.
+        recon, prior = await asyncio.gather(engine.decode(codes, deadline),
+                                            prior_bits_if(True, engine, codes, deadline))
+        return codes, recon, prior
 
-    recon = await unless_client_gone(request, both())
+    codes, recon, prior = await unless_client_gone(request, both())
     pngs = await pngs_b64(recon, st)
     items = [{"height": a.shape[0], "width": a.shape[1], "image": png, "psnr": _finite(psnr(a, b))}
              for a, b, png in zip(images, recon, pngs)]
+    if bits:
+        add_bits(items, st.bundle.levels, codes, prior)
+    if include_input:
+        for item, png in zip(items, await pngs_b64(images, st)):
+            item["input"] = png
     return fast_json({"model": st.bundle.name, "items": items})
 
 

@@ -73,12 +73,28 @@ class B64Grid(BaseModel):
 WireGrid = list[list[int]] | B64Grid
 
 
+class LevelBits(BaseModel):
+    uniform: float = Field(description="h × w × log2 K")
+    prior: float | None = Field(description="−Σ log2 p(code | earlier codes[, coarser level]) under the "
+                                "level's prior; null if the bundle has no priors")
+
+
+class CodeLength(BaseModel):
+    """An item's code length in bits (asked for with ``?bits=true``)."""
+
+    uniform: float = Field(description="every code costs log2 K bits")
+    prior: float | None = Field(description="under the learned priors (an entropy coder's length); null without "
+                                "priors")
+    levels: dict[str, LevelBits] = Field(description="the same per level, keyed by level name")
+
+
 class EncodedItem(BaseModel):
     """``height``, ``width``, and one grid per level of the bundle, keyed by level name."""
 
     model_config = ConfigDict(extra="allow")
     height: int
     width: int
+    bits: CodeLength | None = Field(None, description="with ?bits=true")
 
 
 class EncodeResponse(BaseModel):
@@ -96,6 +112,8 @@ class ReconstructedItem(BaseModel):
     width: int
     image: str = Field(description="base64 PNG")
     psnr: float | None = Field(description="dB against the (fitted) input; null if identical")
+    bits: CodeLength | None = Field(None, description="with ?bits=true")
+    input: str | None = Field(None, description="with ?include_input=true: the fitted input as a base64 PNG")
 
 
 class ReconstructResponse(BaseModel):

@@ -14,6 +14,7 @@ import onnxruntime as ort
 
 from service.bundle import DECODER, ENCODER, Bundle, BundleError, prior_graph
 from service.bundle.sampling import noise_for
+from service.runtime.codelength import prior_bits
 from service.runtime.sampler import PriorSampler
 from service.runtime.session import CUDA, DeviceUnavailable, RuntimeConfig, open_session, session_options
 
@@ -37,6 +38,9 @@ class Backend(Protocol):
 
     def sample(self, noise: dict[str, np.ndarray], temperature: np.ndarray, top_k: np.ndarray) -> Codes:
         """Per-sample noise {level: [B, h, w, K]}, temperature [B], top_k [B] -> {level: int64 code grids}."""
+
+    def code_bits(self, codes: Codes) -> dict[str, np.ndarray]:
+        """{level: int64 grids [B, h, w]} -> {level: float64 [B]}, each item's code length under the priors."""
 
     def warmup(self) -> None:
         """Run every graph once so the first request does not pay for allocation and kernel choice."""
@@ -92,6 +96,11 @@ class OrtBackend:
         if self.sampler is None:
             raise RuntimeError("this bundle has no priors")
         return self.sampler.sample(noise, temperature, top_k)
+
+    def code_bits(self, codes: Codes) -> dict[str, np.ndarray]:
+        if self.sampler is None:
+            raise RuntimeError("this bundle has no priors")
+        return prior_bits(self.bundle, self.sessions, codes)
 
     def warmup(self) -> None:
         size = self.bundle.image_size

@@ -1,0 +1,305 @@
+// The vqtok demo page: plain browser JavaScript, no build step, nothing fetched but this server's API.
+// Every number shown comes from the API's answer; the page only lays it out.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = {
+  key: sessionStorage.getItem("vqtok-key") || "",
+  retry: null, // the action that last got a 401, re-run once a key is given
+  levels: [], // from GET /v1/model: [{name, stride, codebook_size}]
+  grids: {}, // level name -> 2-D array of codes of the current image
+  selected: null, // {level, code}: the highlighted code
+  codesUrl: null,
+};
+
+// --- the API --------------------------------------------------------------------------------------
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+async function api(path, init = {}, action = null) {
+  const headers = new Headers(init.headers || {});
+  if (state.key) headers.set("Authorization", `Bearer ${state.key}`);
+  let response;
+  try {
+    response = await fetch(path, { ...init, headers });
+  } catch (e) {
+    throw new ApiError(0, "network_error", `the server did not answer (${e.message})`);
+  }
+  if (response.ok) return response.json();
+  let code = "http_error";
+  let message = response.statusText || "request failed";
+  try {
+    const body = await response.json();
+    if (body && body.error) ({ code, message } = body.error);
+  } catch (e) {
+    // not JSON (a proxy's page, say): keep the status line
+  }
+  if (response.status === 401) askForKey(action);
+  throw new ApiError(response.status, code, message);
+}
+
+function showError(e) {
+  const box = $("error");
+  if (e instanceof ApiError) {
+    box.textContent = `${e.status ? e.status + " " : ""}${e.code}: ${e.message}`;
+    box.dataset.status = String(e.status);
+    box.dataset.code = e.code;
+  } else {
+    box.textContent = String(e);
+    box.dataset.status = "";
+    box.dataset.code = "";
+  }
+  box.hidden = false;
+}
+
+function clearError() {
+  $("error").hidden = true;
+  $("error").textContent = "";
+}
+
+function askForKey(action) {
+  state.retry = action;
+  $("key-form").hidden = false;
+  $("api-key").focus();
+}
+
+// Runs one user action: its status line says "working…", then what the action returns.
+async function run(action, status) {
+  clearError();
+  status.textContent = "working…";
+  try {
+    status.textContent = (await action()) || "";
+  } catch (e) {
+    status.textContent = "";
+    showError(e);
+  }
+}
+
+// --- the model ------------------------------------------------------------------------------------
+async function loadModel() {
+  const info = await api("v1/model", {}, loadModel);
+  state.levels = info.levels;
+  const levels = info.levels.map((l) => `${l.name}: stride ${l.stride}, K = ${l.codebook_size}`).join("; ");
+  $("model-info").textContent = `model ${info.name}, ${info.image_size}×${info.image_size} (${levels}), ${info.device}`;
+}
+
+// --- encode panel ---------------------------------------------------------------------------------
+function fmtBits(bits) {
+  return bits === null || bits === undefined ? "n/a (no priors)" : `${Math.round(bits).toLocaleString("en")} bits`;
+}
+
+async function encodeFile(file) {
+  const fit = $("fit").value;
+  const form = () => {
+    const f = new FormData();
+    f.append("images", file, file.name || "image");
+    return f;
+  };
+  const again = () => encodeFile(file);
+  const [enc, rec] = await Promise.all([
+    api(`v1/encode?fit=${fit}&bits=true`, { method: "POST", body: form() }, again),
+    api(`v1/reconstruct?fit=${fit}&include_input=true`, { method: "POST", body: form() }, again),
+  ]);
+  if (!state.levels.length) await loadModel();
+  const item = enc.items[0];
+  const r = rec.items[0];
+  $("input-image").src = `data:image/png;base64,${r.input}`;
+  $("recon-image").src = `data:image/png;base64,${r.image}`;
+  for (const img of [$("input-image"), $("recon-image")]) img.style.width = `${Math.max(256, r.width)}px`;
+  const psnr = $("psnr");
+  psnr.dataset.value = r.psnr === null ? "inf" : String(r.psnr);
+  psnr.textContent = r.psnr === null ? "∞ (identical)" : `${r.psnr.toFixed(2)} dB`;
+  $("size").textContent = `${r.width}×${r.height}`;
+  $("bits-uniform").textContent = fmtBits(item.bits.uniform);
+  $("bits-prior").textContent = fmtBits(item.bits.prior);
+  $("bits-uniform").dataset.value = String(item.bits.uniform);
+  $("bits-prior").dataset.value = String(item.bits.prior);
+  const rows = $("bits-levels");
+  rows.replaceChildren();
+  for (const [name, b] of Object.entries(item.bits.levels)) {
+    const tr = document.createElement("tr");
+    tr.innerHTML = "<th></th><td></td>";
+    tr.firstChild.textContent = `  ${name}`;
+    tr.lastChild.textContent = `${fmtBits(b.prior)} of ${fmtBits(b.uniform)}`;
+    rows.append(tr);
+  }
+  state.grids = {};
+  for (const level of state.levels) state.grids[level.name] = item[level.name];
+  state.selected = null;
+  $("selection").textContent = "";
+  drawHeatmaps();
+  $("encode-result").hidden = false;
+}
+
+// Viridis at 9 stops, interpolated: code ids are categories, but neighbouring colours for
+// neighbouring ids still make repeated codes and regions easy to see.
+const VIRIDIS = [[68, 1, 84], [71, 44, 122], [59, 81, 139], [44, 113, 142], [33, 144, 141],
+  [39, 173, 129], [92, 200, 99], [170, 220, 50], [253, 231, 37]];
+
+function colour(code, k) {
+  const t = (code / Math.max(1, k - 1)) * (VIRIDIS.length - 1);
+  const i = Math.min(VIRIDIS.length - 2, Math.floor(t));
+  const f = t - i;
+  return VIRIDIS[i].map((c, j) => Math.round(c + f * (VIRIDIS[i + 1][j] - c)));
+}
+
+function cellSize(grid) {
+  return Math.max(4, Math.floor(256 / Math.max(grid.length, grid[0].length)));
+}
+
+function drawHeatmaps() {
+  const box = $("heatmaps");
+  box.replaceChildren();
+  for (const level of state.levels) {
+    const grid = state.grids[level.name];
+    const cell = cellSize(grid);
+    const fig = document.createElement("figure");
+    const canvas = document.createElement("canvas");
+    canvas.className = "heatmap";
+    canvas.dataset.level = level.name;
+    canvas.dataset.cell = String(cell);
+    canvas.width = grid[0].length * cell;
+    canvas.height = grid.length * cell;
+    canvas.addEventListener("mousemove", (ev) => hover(ev, level, canvas));
+    canvas.addEventListener("mouseleave", () => { $("cell-info").innerHTML = "&nbsp;"; });
+    canvas.addEventListener("click", (ev) => select(ev, level, canvas));
+    const caption = document.createElement("figcaption");
+    caption.textContent = `${level.name}: ${grid.length}×${grid[0].length} codes, K = ${level.codebook_size}`;
+    fig.append(canvas, caption);
+    box.append(fig);
+    paint(canvas, level);
+  }
+}
+
+function paint(canvas, level) {
+  const grid = state.grids[level.name];
+  const cell = Number(canvas.dataset.cell);
+  const ctx = canvas.getContext("2d");
+  const sel = state.selected && state.selected.level === level.name ? state.selected.code : null;
+  let count = 0;
+  for (let y = 0; y < grid.length; y++) {
+    for (let x = 0; x < grid[y].length; x++) {
+      const code = grid[y][x];
+      let [r, g, b] = colour(code, level.codebook_size);
+      if (sel !== null && code !== sel) [r, g, b] = [r, g, b].map((c) => Math.round(c * 0.25 + 20));
+      ctx.fillStyle = `rgb(${r},${g},${b})`;
+      ctx.fillRect(x * cell, y * cell, cell, cell);
+      if (sel !== null && code === sel) {
+        count++;
+        ctx.strokeStyle = "#ff3b30";
+        ctx.lineWidth = Math.max(1, Math.floor(cell / 5));
+        ctx.strokeRect(x * cell + ctx.lineWidth / 2, y * cell + ctx.lineWidth / 2,
+          cell - ctx.lineWidth, cell - ctx.lineWidth);
+      }
+    }
+  }
+  canvas.dataset.highlighted = String(count);
+}
+
+function cellAt(ev, canvas) {
+  // offsetX/Y are inside the border; clientWidth/width is any CSS scaling of the canvas.
+  const cell = Number(canvas.dataset.cell) * (canvas.clientWidth / canvas.width);
+  return [Math.floor(ev.offsetY / cell), Math.floor(ev.offsetX / cell)];
+}
+
+function hover(ev, level, canvas) {
+  const [row, col] = cellAt(ev, canvas);
+  const grid = state.grids[level.name];
+  if (row < 0 || row >= grid.length || col < 0 || col >= grid[0].length) return;
+  const info = $("cell-info");
+  info.textContent = `${level.name} · row ${row}, col ${col} · code ${grid[row][col]}`;
+  Object.assign(info.dataset, { level: level.name, row: String(row), col: String(col), code: String(grid[row][col]) });
+}
+
+function select(ev, level, canvas) {
+  const [row, col] = cellAt(ev, canvas);
+  const grid = state.grids[level.name];
+  if (row < 0 || row >= grid.length || col < 0 || col >= grid[0].length) return;
+  const code = grid[row][col];
+  const same = state.selected && state.selected.level === level.name && state.selected.code === code;
+  state.selected = same ? null : { level: level.name, code };
+  for (const c of document.querySelectorAll("canvas.heatmap")) {
+    paint(c, state.levels.find((l) => l.name === c.dataset.level));
+  }
+  const n = Number(canvas.dataset.highlighted);
+  const cells = grid.length * grid[0].length;
+  $("selection").textContent = same ? "" : `${level.name} code ${code}: ${n} of ${cells} cells (click again to clear)`;
+}
+
+// --- sample panel ---------------------------------------------------------------------------------
+function numberOrNull(input) {
+  return input.value.trim() === "" ? null : Number(input.value);
+}
+
+async function sample() {
+  // Values go to the API as typed: its 422 names whatever is out of range.
+  const body = {
+    n: numberOrNull($("sample-n")),
+    temperature: numberOrNull($("sample-temperature")),
+    top_k: numberOrNull($("sample-top-k")),
+    seed: numberOrNull($("sample-seed")),
+    return_codes: true,
+  };
+  for (const key of ["n", "temperature"]) if (body[key] === null) delete body[key];
+  const answer = await api("v1/sample", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  }, sample);
+  const box = $("samples");
+  box.replaceChildren();
+  answer.images.forEach((png, i) => {
+    const img = document.createElement("img");
+    img.className = "sample";
+    img.alt = `sample ${i}`;
+    img.src = `data:image/png;base64,${png}`;
+    box.append(img);
+  });
+  if (state.codesUrl) URL.revokeObjectURL(state.codesUrl);
+  const blob = new Blob([JSON.stringify({ model: answer.model, seed: answer.seed, temperature: body.temperature ?? 1.0,
+    top_k: body.top_k, codes: answer.codes })], { type: "application/json" });
+  state.codesUrl = URL.createObjectURL(blob);
+  const link = $("download-codes");
+  link.href = state.codesUrl;
+  link.download = `vqtok-samples-seed-${answer.seed}.json`;
+  link.hidden = false;
+  return `seed ${answer.seed}`;
+}
+
+// --- wiring ---------------------------------------------------------------------------------------
+function wire() {
+  const input = $("file-input");
+  input.addEventListener("change", () => {
+    if (input.files.length) run(() => encodeFile(input.files[0]), $("encode-status"));
+  });
+  $("fit").addEventListener("change", () => {
+    if (input.files.length) run(() => encodeFile(input.files[0]), $("encode-status"));
+  });
+  const zone = $("drop-zone");
+  zone.addEventListener("dragover", (ev) => { ev.preventDefault(); zone.classList.add("over"); });
+  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    zone.classList.remove("over");
+    if (ev.dataTransfer.files.length) run(() => encodeFile(ev.dataTransfer.files[0]), $("encode-status"));
+  });
+  $("sample-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    run(sample, $("sample-status"));
+  });
+  $("key-form").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    state.key = $("api-key").value.trim();
+    sessionStorage.setItem("vqtok-key", state.key);
+    $("key-form").hidden = true;
+    const retry = state.retry || loadModel;
+    state.retry = null;
+    run(retry, $("encode-status"));
+  });
+  run(loadModel, $("encode-status"));
+}
+
+wire();

@@ -1,0 +1,317 @@
+"""The demo page in a real browser: Debian's chromium (``/usr/bin/chromium``) driven by Playwright,
+against a real ``vqtok serve`` subprocess with the shipped bundle. Never a downloaded browser: the
+tests skip only when that chromium is absent (``.ci/run`` installs it).
+
+Every value the page shows is checked against the API's own answer for the same input.
+
+``VQTOK_DEMO_SCREENSHOT=docs/demo.png pytest tests/test_demo_browser.py`` also writes the README's
+screenshot.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import random_images
+from PIL import Image
+from service_support import ROOT, image_files, png_bytes, serve_process
+
+from service.api.errors import error_body
+from service.bundle import DEFAULT_BUNDLE
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+KEY = "demo-test-key"
+BODY_LIMIT = 40_000  # bytes: the keyed server refuses bigger uploads with a 413
+TIMEOUT_MS = 20_000
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright comes with the [dev] extra")
+pytestmark = pytest.mark.skipif(not os.access(CHROMIUM, os.X_OK), reason=f"{CHROMIUM} is not installed")
+
+
+# --- fixtures: one browser, two servers (open; keys and a small body limit) ----------------------
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as pw, tempfile.TemporaryDirectory(prefix="vqtok-chromium-") as profile:
+        context = pw.chromium.launch_persistent_context(
+            profile, executable_path=str(CHROMIUM), headless=True, args=ARGS,
+            viewport={"width": 1100, "height": 1000}, accept_downloads=True)
+        yield context
+        context.close()
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serve_process(DEFAULT_BUNDLE) as (_, url):
+        yield url
+
+
+@pytest.fixture(scope="module")
+def keyed_server():
+    env = {"VQTOK_API_KEYS": KEY, "VQTOK_MAX_BODY_BYTES": str(BODY_LIMIT)}
+    with serve_process(DEFAULT_BUNDLE, env=env) as (_, url):
+        yield url
+
+
+@pytest.fixture
+def page(browser):
+    page = browser.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    page.requested = []  # every URL the page asked for, to check none left the origin
+    page.on("request", lambda req: page.requested.append(req.url))
+    page.errors = []
+    page.on("pageerror", lambda err: page.errors.append(str(err)))
+    yield page
+    assert not page.errors, page.errors  # no uncaught JavaScript error in any test
+    page.close()
+
+
+def open_demo(page, url: str) -> None:
+    page.goto(f"{url}/demo")
+
+
+def only_same_origin(page, url: str) -> None:
+    foreign = [u for u in page.requested if not u.startswith((url + "/", "data:", "blob:"))]
+    assert not foreign, foreign
+
+
+def pixels_of(src: str) -> np.ndarray:
+    assert src.startswith("data:image/png;base64,")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1]))).convert("RGB"))
+
+
+def photo(tmp_path: Path) -> tuple[Path, bytes]:
+    """A real photograph when scikit-image is there (a held-out one), else a smooth synthetic image;
+    not square, so the fit has something to do."""
+    try:
+        from skimage import data
+
+        pixels = data.chelsea()  # 300x451
+    except ImportError:
+        pixels = random_images(1, size=120, seed=4)[0][:, :100]
+    blob = png_bytes(pixels)
+    path = tmp_path / "photo.png"
+    path.write_bytes(blob)
+    return path, blob
+
+
+def api_error(url: str, path: str, **kw) -> str:
+    """The message the API itself answers, formatted as the page shows it."""
+    r = httpx.post(f"{url}{path}", timeout=30, **kw)
+    assert r.status_code >= 400, r.text
+    err = r.json()["error"]
+    return f"{r.status_code} {err['code']}: {err['message']}"
+
+
+def answer_with(status: int, code: str, message: str):
+    """A route handler that answers with the API's error body."""
+    def handler(route) -> None:
+        route.fulfill(status=status, content_type="application/json", body=json.dumps(error_body(code, message)))
+    return handler
+
+
+def wait_for_encoding(page, levels: int) -> None:
+    page.wait_for_selector("#encode-result:not([hidden])")
+    page.wait_for_function(f"() => document.querySelectorAll('canvas.heatmap').length === {levels}")
+
+
+def cell_centre(page, level: str, row: int, col: int) -> tuple[float, float]:
+    canvas = page.locator(f"canvas.heatmap[data-level='{level}']")
+    box = canvas.bounding_box()
+    cell = float(canvas.get_attribute("data-cell"))
+    return box["x"] + 1 + (col + 0.5) * cell, box["y"] + 1 + (row + 0.5) * cell  # 1 px border
+
+
+def canvas_pixel(page, level: str, x: int, y: int) -> list[int]:
+    return page.evaluate(
+        "([level, x, y]) => Array.from(document.querySelector(`canvas.heatmap[data-level='${level}']`)"
+        ".getContext('2d').getImageData(x, y, 1, 1).data.slice(0, 3))", [level, x, y])
+
+
+# --- tests -----------------------------------------------------------------------------------------
+def test_encode_panel_shows_the_apis_answers_and_the_heatmaps_respond(page, server, tmp_path):
+    path, blob = photo(tmp_path)
+    encoded = httpx.post(f"{server}/v1/encode?bits=true", files=image_files([blob]), timeout=30).json()["items"][0]
+    rec = httpx.post(f"{server}/v1/reconstruct?include_input=true", files=image_files([blob]),
+                     timeout=30).json()["items"][0]
+    levels = [lv["name"] for lv in httpx.get(f"{server}/v1/model").json()["levels"]]
+
+    open_demo(page, server)
+    page.wait_for_function("() => document.getElementById('model-info').textContent.startsWith('model ')")
+    page.set_input_files("#file-input", str(path))
+    wait_for_encoding(page, len(levels))
+
+    # The images are the API's: the fitted input and the reconstruction, pixel for pixel.
+    assert np.array_equal(pixels_of(page.get_attribute("#input-image", "src")), pixels_of("data:image/png;base64,"
+                                                                                          + rec["input"]))
+    assert np.array_equal(pixels_of(page.get_attribute("#recon-image", "src")), pixels_of("data:image/png;base64,"
+                                                                                          + rec["image"]))
+    # PSNR and bits: the API's numbers, shown rounded, carried exactly.
+    assert float(page.get_attribute("#psnr", "data-value")) == rec["psnr"]
+    assert page.text_content("#psnr") == f"{rec['psnr']:.2f} dB"
+    assert float(page.get_attribute("#bits-uniform", "data-value")) == encoded["bits"]["uniform"]
+    assert float(page.get_attribute("#bits-prior", "data-value")) == encoded["bits"]["prior"]
+    assert page.text_content("#bits-prior") == f"{round(encoded['bits']['prior']):,} bits"
+
+    for level in levels:
+        grid = encoded[level]
+        # Hover: level, position and code id of the cell under the pointer.
+        for row, col in ((0, 0), (len(grid) - 1, len(grid[0]) - 1), (len(grid) // 2, 1)):
+            page.mouse.move(*cell_centre(page, level, row, col))
+            assert page.text_content("#cell-info") == f"{level} · row {row}, col {col} · code {grid[row][col]}"
+
+        # Click: every cell with that code is highlighted, the others dimmed.
+        row, col = len(grid) // 2, len(grid[0]) // 2
+        code = grid[row][col]
+        cell = int(page.get_attribute(f"canvas.heatmap[data-level='{level}']", "data-cell"))
+        other = next((r, c) for r in range(len(grid)) for c in range(len(grid[0])) if grid[r][c] != code)
+
+        def centre(rc: tuple[int, int], cell: int = cell) -> tuple[int, int]:  # in canvas pixels
+            return rc[1] * cell + cell // 2, rc[0] * cell + cell // 2
+
+        before_same = canvas_pixel(page, level, *centre((row, col)))
+        before_other = canvas_pixel(page, level, *centre(other))
+        page.mouse.click(*cell_centre(page, level, row, col))
+        count = sum(v == code for line in grid for v in line)
+        cells = len(grid) * len(grid[0])
+        assert page.get_attribute(f"canvas.heatmap[data-level='{level}']", "data-highlighted") == str(count)
+        assert page.text_content("#selection").startswith(f"{level} code {code}: {count} of {cells} cells")
+        assert canvas_pixel(page, level, *centre((row, col))) == before_same
+        assert sum(canvas_pixel(page, level, *centre(other))) < sum(before_other)
+        page.mouse.click(*cell_centre(page, level, row, col))  # again: cleared
+        assert canvas_pixel(page, level, *centre(other)) == before_other
+    assert page.is_hidden("#error")
+    only_same_origin(page, server)
+
+
+def test_sample_panel_same_seed_same_pixels_and_codes_download(page, server):
+    open_demo(page, server)
+    page.fill("#sample-n", "4")
+    page.fill("#sample-seed", "1234")
+    page.fill("#sample-top-k", "50")
+
+    def sample_once() -> list[np.ndarray]:
+        page.click("#sample-submit")
+        page.wait_for_function("() => document.querySelectorAll('img.sample').length === 4 && "
+                               "document.getElementById('sample-status').textContent === 'seed 1234'")
+        return [pixels_of(img.get_attribute("src")) for img in page.query_selector_all("img.sample")]
+
+    first = sample_once()
+    page.evaluate("document.getElementById('samples').replaceChildren()")
+    page.evaluate("document.getElementById('sample-status').textContent = ''")
+    second = sample_once()
+    assert len(first) == 4 and all(np.array_equal(a, b) for a, b in zip(first, second))
+    assert not np.array_equal(first[0], first[1])  # four samples, not one four times
+
+    # The same request to the API gives the same pixels, and the download holds its codes.
+    api = httpx.post(f"{server}/v1/sample", json={"n": 4, "seed": 1234, "top_k": 50, "return_codes": True},
+                     timeout=60).json()
+    assert all(np.array_equal(a, pixels_of("data:image/png;base64," + b)) for a, b in zip(first, api["images"]))
+    link = page.locator("#download-codes")
+    assert link.get_attribute("download") == "vqtok-samples-seed-1234.json"
+    with page.expect_download() as info:
+        link.click()
+    saved = json.loads(Path(info.value.path()).read_text())
+    assert saved["codes"] == api["codes"] and saved["seed"] == 1234 and saved["top_k"] == 50
+
+    # Values go to the API as typed; its 422 message is what the page shows.
+    page.fill("#sample-n", "0")
+    page.click("#sample-submit")
+    page.wait_for_selector("#error:not([hidden])")
+    assert page.text_content("#error") == api_error(server, "/v1/sample", json={"n": 0, "seed": 1234, "top_k": 50,
+                                                                                 "return_codes": True})
+    only_same_origin(page, server)
+
+
+def test_api_errors_show_their_message(page, server, tmp_path):
+    open_demo(page, server)
+    page.wait_for_function("() => document.getElementById('model-info').textContent.startsWith('model ')")
+    # 400: not an image.
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"these are notes, not a picture")
+    page.set_input_files("#file-input", str(bad))
+    page.wait_for_selector("#error:not([hidden])")
+    want = api_error(server, "/v1/encode?fit=center_crop&bits=true", files=image_files([bad.read_bytes()]))
+    assert page.text_content("#error") == want and want.startswith("400 invalid_image: ")
+
+    # 422: fit=none with sides that are not multiples of the coarsest stride.
+    odd = tmp_path / "odd.png"
+    odd.write_bytes(png_bytes(random_images(1, size=68)[0][:, :66]))
+    page.select_option("#fit", "none")
+    page.set_input_files("#file-input", str(odd))
+    page.wait_for_function("() => document.getElementById('error').dataset.status === '422'")
+    assert page.text_content("#error") == api_error(server, "/v1/encode?fit=none&bits=true",
+                                                    files=image_files([odd.read_bytes()]))
+
+    # 503 and 415 cannot be provoked from this page on a healthy server (it always sends a valid
+    # content type; its queues do not fill): the browser is handed the API's own error bodies.
+    for status, code, message in ((503, "overloaded", "the sample queue is full; retry later"),
+                                  (415, "unsupported_media_type", "expected Content-Type application/json")):
+        page.route("**/v1/sample", answer_with(status, code, message))
+        page.click("#sample-submit")
+        page.wait_for_function(f"() => document.getElementById('error').dataset.status === '{status}'")
+        assert page.text_content("#error") == f"{status} {code}: {message}"
+        page.unroute("**/v1/sample")
+
+
+def test_with_api_keys_the_page_asks_for_one_and_sends_it(page, keyed_server, tmp_path):
+    auth_headers = []
+    page.on("request", lambda req: auth_headers.append(req.headers.get("authorization"))
+            if "/v1/" in req.url else None)
+    open_demo(page, keyed_server)
+    page.wait_for_selector("#key-form:not([hidden])")
+    assert page.text_content("#error") == api_error(keyed_server, "/v1/encode")  # the 401's own message
+    page.fill("#api-key", KEY)
+    page.click("#key-submit")
+    page.wait_for_function("() => document.getElementById('model-info').textContent.startsWith('model ')")
+    assert page.is_hidden("#key-form") and page.is_hidden("#error")
+
+    # 413: over this server's body limit.
+    big = tmp_path / "big.png"
+    big.write_bytes(png_bytes(np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8)))
+    assert big.stat().st_size > BODY_LIMIT
+    page.set_input_files("#file-input", str(big))
+    page.wait_for_selector("#error:not([hidden])")
+    want = api_error(keyed_server, "/v1/encode", headers={"Authorization": f"Bearer {KEY}"},
+                     files=image_files([big.read_bytes()]))
+    assert page.text_content("#error") == want and want.startswith("413 ")
+
+    small = tmp_path / "small.png"
+    small.write_bytes(png_bytes(random_images(1, size=64, seed=5)[0]))
+    assert small.stat().st_size < BODY_LIMIT
+    page.set_input_files("#file-input", str(small))
+    wait_for_encoding(page, 2)
+    assert page.is_hidden("#error")
+    assert auth_headers[0] is None and auth_headers[-1] == f"Bearer {KEY}"
+
+
+def test_screenshot(page, server, tmp_path):
+    """The README's picture: a held-out photo encoded, its most used top code highlighted, eight samples."""
+    path, blob = photo(tmp_path)
+    top = np.array(httpx.post(f"{server}/v1/encode", files=image_files([blob]), timeout=30).json()["items"][0]["top"])
+    codes, counts = np.unique(top, return_counts=True)
+    row, col = np.argwhere(top == codes[counts.argmax()])[0]
+    open_demo(page, server)
+    page.set_input_files("#file-input", str(path))
+    wait_for_encoding(page, 2)
+    page.mouse.click(*cell_centre(page, "top", int(row), int(col)))
+    page.fill("#sample-seed", "7")
+    page.click("#sample-submit")
+    page.wait_for_function("() => document.querySelectorAll('img.sample').length === 8")
+    page.mouse.move(*cell_centre(page, "bottom", 8, 9))
+    page.wait_for_function("() => document.getElementById('cell-info').textContent.startsWith('bottom')")
+    shot = tmp_path / "demo.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert Image.open(shot).size[0] >= 1000
+    target = os.environ.get("VQTOK_DEMO_SCREENSHOT")
+    if target:
+        shutil.copy(shot, ROOT / target)
