@@ -1,7 +1,7 @@
 """The ``vqtok`` command line.
 
 Parsers only at import time: each subcommand imports its implementation when it runs. ``serve``,
-``sample`` and ``tokenize`` are torch-free; the training subcommands (``train-vqvae``,
+``sample``, ``tokenize`` and ``export-triton`` are torch-free; the training subcommands (``train-vqvae``,
 ``train-prior``, ``evaluate``, ``export``, ``experiment``) are handed to ``training.cli`` whole, so
 an install without torch never imports the training package.
 """
@@ -35,6 +35,15 @@ def _tokenize(args) -> int:
     from service.jobs.tokenize import main
 
     return main(args)
+
+
+def _export_triton(args) -> int:
+    from service.runtime.triton import TritonConfig, export_triton
+
+    written = export_triton(args.bundle, args.out, TritonConfig(max_batch_size=args.max_batch,
+                                                                 max_queue_delay_us=args.max_delay_us))
+    print(json.dumps({"repository": str(args.out), "models": written}))
+    return 0
 
 
 def _sample(args) -> int:
@@ -87,15 +96,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None)
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("tokenize", help="tokenize an image folder through a running service (resumable)")
+    p = sub.add_parser("tokenize", help="tokenize an image folder (resumable): through a service, --local or --ray")
     p.add_argument("dir", type=Path, help="folder of images (searched recursively)")
     p.add_argument("--out", required=True, type=Path, help="output folder: shard-*.npz and errors.jsonl")
-    p.add_argument("--url", default="http://127.0.0.1:8000")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--local", action="store_true", help="run ONNX Runtime in this process (no service)")
+    where.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                       help="run as a Ray Data pipeline; ADDRESS of a cluster (e.g. auto, ray://head:10001), "
+                            "none: a local Ray")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default job)")
     p.add_argument("--api-key", default=os.environ.get("VQTOK_API_KEY"), help="default: $VQTOK_API_KEY")
-    p.add_argument("--batch", type=int, default=16, help="images per request")
-    p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
+    p.add_argument("--model", type=Path, default=None, help=f"bundle for --local/--ray (default {DEFAULT_BUNDLE})")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="for --local/--ray")
+    p.add_argument("--batch", type=int, default=None,
+                   help="images per request (service: 16) or per encoder run (--local: 64 CPU, 512 CUDA)")
+    p.add_argument("--concurrency", type=int, default=4, help="requests in flight (service)")
+    p.add_argument("--workers", type=int, default=None, help="decode processes (--local; default one per core) "
+                                                             "or encoder actors (--ray; default one per GPU, else 1)")
     p.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
+    p.add_argument("--parquet", action="store_true", help="also write Parquet shards for trainers (needs pyarrow)")
     p.set_defaults(func=_tokenize)
+
+    p = sub.add_parser("export-triton", help="write a Triton Inference Server model repository for a bundle")
+    p.add_argument("bundle", type=Path, help="bundle directory")
+    p.add_argument("out", type=Path, help="model repository to create")
+    p.add_argument("--max-batch", type=int, default=64, help="max_batch_size of every model")
+    p.add_argument("--max-delay-us", type=int, default=2000, help="dynamic batching: longest wait for a fuller batch")
+    p.set_defaults(func=_export_triton)
 
     p = sub.add_parser("sample", help="sample images from a bundle's priors")
     p.add_argument("--model", type=Path, default=DEFAULT_BUNDLE)

@@ -9,9 +9,13 @@ import numpy as np
 import pytest
 from conftest import TINY_SIZE, random_images
 from service_support import png_bytes, run, serving
+from tokenize_support import folder as _folder
+from tokenize_support import overloaded
+from tokenize_support import read_shards as _shards
 
 from service.bundle import Bundle
 from service.client import AsyncClient
+from service.jobs.retry import Backoff
 from service.jobs.tokenize import JobAborted, JobConfig, finished_paths, run_job
 from service.runtime.backend import OrtBackend
 from service.runtime.session import RuntimeConfig
@@ -20,29 +24,6 @@ from service.runtime.session import RuntimeConfig
 @pytest.fixture(scope="module")
 def backend(tiny_bundle):
     return OrtBackend(Bundle.load(tiny_bundle), RuntimeConfig(device="cpu", intra_op_threads=1))
-
-
-def _folder(root, n_good: int = 5):
-    """Good PNG/JPEGs (one nested, one larger than the model), two bad files and a non-image."""
-    images = random_images(n_good, seed=11)
-    paths = {}
-    for i, im in enumerate(images):
-        rel = f"sub/img{i}.png" if i == 2 else f"img{i}.png"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(png_bytes(im))
-        paths[rel] = im
-    big = np.kron(images[0], np.ones((2, 2, 1), np.uint8))  # 2x the model size: center_crop resizes it
-    (root / "big.jpg").write_bytes(png_bytes(big, format="JPEG", quality=95))
-    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    (root / "empty.jpg").write_bytes(b"")
-    (root / "notes.txt").write_text("not an image, not even looked at")
-    return paths
-
-
-def overloaded() -> httpx.Response:
-    """What the service answers when its queue is full."""
-    return httpx.Response(503, headers={"Retry-After": "0"},
-                          json={"error": {"code": "overloaded", "message": "queue full"}})
 
 
 class FailFirst(httpx.AsyncBaseTransport):
@@ -59,28 +40,20 @@ class FailFirst(httpx.AsyncBaseTransport):
 
 
 class DownAfterFirstSuccess(httpx.AsyncBaseTransport):
-    """Passes requests on until one succeeds; from then on the service answers 503 for good."""
+    """Passes encode requests on until one succeeds; from then on the service answers 503 for good."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport):
         self.inner, self.up, self.failed = inner, True, 0
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path != "/v1/encode":  # the job asks /v1/model for the bundle first
+            return await self.inner.handle_async_request(request)
         if not self.up:
             self.failed += 1
             return overloaded()
         response = await self.inner.handle_async_request(request)
         self.up = response.status_code != 200
         return response
-
-
-def _shards(out):
-    paths, top, bottom = [], [], []
-    for shard in sorted(out.glob("shard-*.npz")):
-        with np.load(shard) as data:
-            paths += [str(p) for p in data["paths"]]
-            top.append(data["top"])
-            bottom.append(data["bottom"])
-    return paths, np.concatenate(top), np.concatenate(bottom)
 
 
 def test_folder_job_skips_bad_files_retries_and_resumes(tiny_bundle, backend, tmp_path):
@@ -92,9 +65,9 @@ def test_folder_job_skips_bad_files_retries_and_resumes(tiny_bundle, backend, tm
         async with serving(tiny_bundle, backend) as (app, _):
             asgi = httpx.ASGITransport(app=app)
             # Batches of 3 put the bad files in the same requests as good ones; two 503s come first.
-            cfg = JobConfig(root=root, out=out, batch=3, concurrency=2, shard_size=4, backoff_s=0.0)
+            cfg = JobConfig(root=root, out=out, batch=3, concurrency=2, shard_size=4, backoff=Backoff(first_s=0.0))
             async with AsyncClient("http://test", transport=FailFirst(asgi, failures=2)) as client:
-                report = await run_job(client, cfg, progress_every_s=0)
+                report = await run_job(client, cfg, progress=False)
             assert (report.encoded, report.failed, report.skipped) == (6, 2, 0)
             assert report.shards == 2  # 6 images, 4 per shard
 
@@ -112,10 +85,10 @@ def test_folder_job_skips_bad_files_retries_and_resumes(tiny_bundle, backend, tm
 
             # A rerun finds nothing to do; a new file is all the next run sends.
             async with AsyncClient("http://test", transport=asgi) as client:
-                again = await run_job(client, cfg, progress_every_s=0)
+                again = await run_job(client, cfg, progress=False)
                 assert (again.encoded, again.failed, again.skipped, again.shards) == (0, 0, 8, 0)
                 (root / "new.png").write_bytes(png_bytes(random_images(1, seed=99)[0]))
-                more = await run_job(client, cfg, progress_every_s=0)
+                more = await run_job(client, cfg, progress=False)
             assert (more.encoded, more.failed, more.skipped, more.shards) == (1, 0, 8, 1)
             assert len(finished_paths(out)) == 9 and len(_shards(out)[0]) == 7
 
@@ -132,16 +105,16 @@ def test_a_service_that_stays_down_stops_the_job_and_keeps_what_was_done(tiny_bu
     async def main():
         async with serving(tiny_bundle, backend) as (app, _):
             asgi = httpx.ASGITransport(app=app)
-            cfg = JobConfig(root=root, out=out, batch=2, concurrency=1, retries=2, backoff_s=0.0)
+            cfg = JobConfig(root=root, out=out, batch=2, concurrency=1, retries=2, backoff=Backoff(first_s=0.0))
             down = DownAfterFirstSuccess(asgi)
             async with AsyncClient("http://test", transport=down) as client:
                 with pytest.raises(JobAborted, match="kept failing"):
-                    await run_job(client, cfg, progress_every_s=0)
+                    await run_job(client, cfg, progress=False)
             assert down.failed == 3  # the first try and two retries
             assert len(_shards(out)[0]) == 2  # the batch done before the outage was written
 
             async with AsyncClient("http://test", transport=asgi) as client:
-                report = await run_job(client, cfg, progress_every_s=0)
+                report = await run_job(client, cfg, progress=False)
             assert (report.skipped, report.encoded, report.failed) == (2, 4, 0)
             assert sorted(_shards(out)[0]) == sorted(finished_paths(out)) and len(finished_paths(out)) == 6
 

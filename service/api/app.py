@@ -53,6 +53,7 @@ def model_info(state: ServiceState) -> dict[str, Any]:
     provider = backend.provider
     return {
         "name": bundle.name,
+        "sha256": bundle.sha256,  # the model's identity: folder jobs record it in their shards
         "format_version": m["format_version"],
         "image_size": bundle.image_size,
         "levels": m["levels"],

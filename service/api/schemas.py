@@ -153,6 +153,8 @@ class LimitsInfo(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
+    sha256: str = Field(description="sha256 of the bundle's manifest.json, which holds every file's digest: "
+                                    "the model's identity")
     format_version: int
     image_size: int
     levels: list[LevelInfo]

@@ -1,33 +1,30 @@
-"""``vqtok tokenize``: tokenize a folder of images through a running service, resumably.
+"""``vqtok tokenize``: tokenize a folder of images, resumably, through a service, in-process, or on Ray.
 
-    vqtok tokenize DIR --out OUT [--url URL] [--api-key KEY] [--batch 16] [--concurrency 4]
+    vqtok tokenize DIR --out OUT [--url URL] [--api-key KEY]          # through a running service
+    vqtok tokenize DIR --out OUT --local [--device auto|cpu|cuda]      # ONNX Runtime in this process
+    vqtok tokenize DIR --out OUT --ray [ADDRESS]                       # a Ray Data pipeline
 
-Walks DIR (recursively, in sorted order) for image files and sends them to ``/v1/encode`` in
-batches, several batches in flight. The codes go into shards, ``OUT/shard-00000.npz`` and on, each
-holding ``paths`` (relative to DIR) and one uint16 [n, h, w] array per level (``top``, ``bottom``). Images are fitted to
-the model's size (``fit=center_crop``), so every grid in a shard has the same shape.
+All three write the same output folder (``service.jobs.shards``: npz shards, optional Parquet
+twins, errors.jsonl, a lock) with the same codes for the same files, and resume the same way.
 
-One bad file never stops the job: a batch the service refuses because of one file is retried file
-by file, and each refused file goes to ``OUT/errors.jsonl`` with the service's error code and
-message. A full queue (503) or a timeout is retried after a pause. Failures that are not about a
-file (a wrong API key, the service gone for good) stop the job, losing nothing: shards are written
-whole (a temporary file, then a rename), and a rerun skips every path already in a shard or in
-errors.jsonl, so the job resumes where it stopped.
+This module is the HTTP job. It walks DIR (sorted) and sends batches to ``/v1/encode``, several
+in flight. One bad file never stops it: a batch the service refuses because of one file is retried
+file by file, and each refused file goes to ``errors.jsonl`` with the service's error code and
+message. A full queue (503), a timeout or a transport error is retried with capped exponential
+backoff (``Retry-After`` honoured up to the cap). Failures that are not about a file (a wrong API
+key, the service gone for good) stop the job, losing nothing.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
-import os
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from service.bundle.images import IMAGE_SUFFIXES
-from service.bundle.wire import to_uint16
 from service.client import (
     AsyncClient,
     BadRequestError,
@@ -39,8 +36,24 @@ from service.client import (
     ServerError,
     VqtokError,
 )
+from service.jobs.files import (
+    ReadPolicy,
+    Stamp,
+    TransientReadError,
+    header_size,
+    list_images,
+    read_file,
+    still_settling,
+)
+from service.jobs.progress import progress_bar
+from service.jobs.records import BundleId, Encoded
+from service.jobs.retry import Backoff
+from service.jobs.shards import JobAborted, JobOutput, JobReport, finished_paths
+
+__all__ = ["JobAborted", "JobConfig", "JobReport", "finished_paths", "main", "run_job"]
 
 FILE_ERRORS = (BadRequestError, PayloadTooLargeError, InvalidRequestError)  # about a file: record and go on
+_sleep = asyncio.sleep  # module-level so tests can watch the pauses
 
 
 @dataclass(frozen=True)
@@ -51,85 +64,9 @@ class JobConfig:
     concurrency: int = 4  # requests in flight
     shard_size: int = 4096  # images per shard file
     retries: int = 8  # per request, for 503/504/transport errors
-    backoff_s: float = 0.5  # first pause between retries; doubles, capped at 30 s
-
-
-@dataclass
-class JobReport:
-    encoded: int = 0
-    failed: int = 0
-    skipped: int = 0  # done by an earlier run
-    shards: int = 0
-
-
-class JobAborted(RuntimeError):
-    """A failure that is not about one file; the shards written so far stay valid."""
-
-
-def list_images(root: Path) -> list[str]:
-    """Image files under ``root`` as sorted POSIX paths relative to it."""
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-
-
-def _shard_paths(out: Path) -> list[Path]:
-    return sorted(out.glob("shard-*.npz"))
-
-
-def finished_paths(out: Path) -> set[str]:
-    """Paths an earlier run encoded (in a complete shard) or recorded as refused."""
-    done: set[str] = set()
-    for shard in _shard_paths(out):
-        with np.load(shard) as data:
-            done.update(str(p) for p in data["paths"])
-    errors = out / "errors.jsonl"
-    if errors.exists():
-        for line in errors.read_text().splitlines():
-            if line.strip():
-                done.add(json.loads(line)["path"])
-    return done
-
-
-class ShardWriter:
-    """Collects (path, codes) and writes a shard whenever ``shard_size`` are in, atomically."""
-
-    def __init__(self, out: Path, shard_size: int):
-        self.out, self.shard_size = out, shard_size
-        existing = _shard_paths(out)
-        self.next_index = int(existing[-1].stem.split("-")[1]) + 1 if existing else 0
-        self.paths: list[str] = []
-        self.codes: list[Codes] = []
-        self.written = 0
-
-    def add(self, path: str, codes: Codes) -> None:
-        self.paths.append(path)
-        self.codes.append(codes)
-        if len(self.paths) >= self.shard_size:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.paths:
-            return
-        final = self.out / f"shard-{self.next_index:05d}.npz"
-        tmp = final.with_suffix(".tmp.npz")
-        levels = {name: to_uint16(np.stack([c[name] for c in self.codes])) for name in self.codes[0]}
-        np.savez(tmp, paths=np.array(self.paths), **levels)
-        os.replace(tmp, final)  # a shard is there whole or not at all
-        self.next_index += 1
-        self.written += 1
-        self.paths, self.codes = [], []
-
-
-class ErrorLog:
-    def __init__(self, path: Path):
-        self.file = path.open("a", encoding="utf-8")
-
-    def add(self, path: str, status: int, code: str, message: str) -> None:
-        self.file.write(json.dumps({"path": path, "status": status, "code": code, "message": message}) + "\n")
-        self.file.flush()  # the record must survive a crash: a rerun trusts it
-
-    def close(self) -> None:
-        self.file.close()
+    backoff: Backoff = field(default_factory=Backoff)
+    read: ReadPolicy = field(default_factory=ReadPolicy)
+    parquet: bool = False  # also write Parquet shards
 
 
 def _batches(paths: list[str], size: int) -> Iterator[list[str]]:
@@ -137,11 +74,11 @@ def _batches(paths: list[str], size: int) -> Iterator[list[str]]:
         yield paths[i:i + size]
 
 
-async def _encode_with_retries(client: AsyncClient, blobs: list[bytes], cfg: JobConfig) -> list[Codes]:
-    pause, last = cfg.backoff_s, None
+async def _with_retries(call, cfg: JobConfig):
+    last = None
     for attempt in range(cfg.retries + 1):
         try:
-            return await client.encode(blobs)
+            return await call()
         except (OverloadedError, DeadlineExceededError, ServerError) as e:
             last = e
         except VqtokError as e:
@@ -149,94 +86,134 @@ async def _encode_with_retries(client: AsyncClient, blobs: list[bytes], cfg: Job
                 raise
             last = e  # transport error: the service may be restarting
         if attempt < cfg.retries:
-            await asyncio.sleep(last.retry_after if last.retry_after is not None else pause)
-            pause = min(pause * 2, 30.0)
+            await _sleep(cfg.backoff.delay(attempt, last.retry_after))
     raise JobAborted(f"the service kept failing after {cfg.retries} retries: {last}")
 
 
-async def _encode_paths(client: AsyncClient, cfg: JobConfig, paths: list[str],
-                        errors: ErrorLog) -> list[tuple[str, Codes]]:
+async def service_bundle(client: AsyncClient, cfg: JobConfig) -> BundleId:
+    """The bundle the service runs, from ``GET /v1/model``: shards record it, resumes check it."""
+    info = await _with_retries(client.model, cfg)
+    if "sha256" not in info:
+        raise JobAborted("the service does not report its bundle's sha256 in /v1/model (an older vqtok?); "
+                         "the job records it in every shard, so upgrade the service")
+    return BundleId(info["name"], info["sha256"])
+
+
+async def _read(cfg: JobConfig, path: str, output: JobOutput) -> tuple[bytes, Stamp] | None:
+    try:
+        return await asyncio.to_thread(read_file, cfg.root / path, cfg.read)
+    except TransientReadError as e:
+        output.defer(path, str(e))
+    except OSError as e:
+        output.refuse(path, 0, "unreadable_file", str(e))
+    return None
+
+
+def _encoded(paths: list[str], blobs: list[bytes], codes: list[Codes]) -> Encoded:
+    return Encoded(paths, np.array([header_size(b) for b in blobs], np.int32).reshape(-1, 2),
+                   {name: np.stack([c[name] for c in codes]) for name in codes[0]} if codes else {})
+
+
+async def _encode_one(client: AsyncClient, cfg: JobConfig, path: str, output: JobOutput) -> Encoded | None:
+    """One file on its own; a refusal of a file that is still being written is retried once it settles."""
+    for _ in range(cfg.read.retries + 1):
+        got = await _read(cfg, path, output)
+        if got is None:
+            return None
+        blob, stamp = got
+        try:
+            codes = await _with_retries(functools.partial(client.encode, [blob]), cfg)
+            return _encoded([path], [blob], codes)
+        except FILE_ERRORS as e:
+            if not await asyncio.to_thread(still_settling, cfg.root / path, stamp, cfg.read):
+                output.refuse(path, e.status, e.code, e.message)
+                return None
+    output.defer(path, "kept changing; left for a rerun")
+    return None
+
+
+async def _encode_paths(client: AsyncClient, cfg: JobConfig, paths: list[str], output: JobOutput) -> list[Encoded]:
     """Codes for ``paths``; files that cannot be read or that the service refuses are logged."""
+    if len(paths) == 1:
+        one = await _encode_one(client, cfg, paths[0], output)
+        return [one] if one else []
     readable, blobs = [], []
     for path in paths:
-        try:
-            blobs.append((cfg.root / path).read_bytes())
+        got = await _read(cfg, path, output)
+        if got is not None:
             readable.append(path)
-        except OSError as e:
-            errors.add(path, 0, "unreadable_file", str(e))
+            blobs.append(got[0])
     if not readable:
         return []
     try:
-        return list(zip(readable, await _encode_with_retries(client, blobs, cfg)))
-    except FILE_ERRORS as e:
-        if len(readable) == 1:
-            errors.add(readable[0], e.status, e.code, e.message)
-            return []
+        return [_encoded(readable, blobs, await _with_retries(functools.partial(client.encode, blobs), cfg))]
+    except FILE_ERRORS:
+        pass
     # Some file spoiled the batch: one request per file keeps the good ones.
     out = []
     for path in readable:
-        out += await _encode_paths(client, cfg, [path], errors)
+        out += await _encode_paths(client, cfg, [path], output)
     return out
 
 
-async def run_job(client: AsyncClient, cfg: JobConfig, progress_every_s: float = 10.0) -> JobReport:
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    for leftover in cfg.out.glob("*.tmp.npz"):  # from a run killed mid-write
-        leftover.unlink()
-    everything = list_images(cfg.root)
-    done = finished_paths(cfg.out)
-    todo = [p for p in everything if p not in done]
-    report = JobReport(skipped=len(everything) - len(todo))
-    writer, errors = ShardWriter(cfg.out, cfg.shard_size), ErrorLog(cfg.out / "errors.jsonl")
-    queue: asyncio.Queue[list[str]] = asyncio.Queue()
-    for batch in _batches(todo, cfg.batch):
-        queue.put_nowait(batch)
-    start, last_note = time.monotonic(), time.monotonic()
+async def run_job(client: AsyncClient, cfg: JobConfig, progress: bool = False) -> JobReport:
+    bundle = await service_bundle(client, cfg)
+    with JobOutput(cfg.out, bundle, cfg.shard_size, cfg.parquet) as output:
+        todo = output.todo(list_images(cfg.root))
+        queue: asyncio.Queue[list[str]] = asyncio.Queue()
+        for batch in _batches(todo, cfg.batch):
+            queue.put_nowait(batch)
+        bar = progress_bar(len(todo), progress, "tokenize (http)")
 
-    async def worker() -> None:
-        nonlocal last_note
-        while not queue.empty():
-            paths = queue.get_nowait()
-            encoded = await _encode_paths(client, cfg, paths, errors)
-            for path, codes in encoded:
-                writer.add(path, codes)
-            report.encoded += len(encoded)
-            report.failed += len(paths) - len(encoded)
-            if progress_every_s and time.monotonic() - last_note >= progress_every_s:
-                last_note = time.monotonic()
-                rate = report.encoded / (last_note - start)
-                print(f"tokenize: {report.encoded + report.failed}/{len(todo)} ({report.failed} refused), "
-                      f"{rate:.0f} images/s", flush=True)
+        async def worker() -> None:
+            while not queue.empty():
+                paths = queue.get_nowait()
+                for encoded in await _encode_paths(client, cfg, paths, output):
+                    output.add(encoded)
+                bar.update(len(paths))
 
-    try:
         workers = [asyncio.create_task(worker()) for _ in range(max(1, cfg.concurrency))]
         try:
             await asyncio.gather(*workers)
         finally:
             for w in workers:
                 w.cancel()
-    finally:
-        writer.flush()  # whatever was encoded before a stop is kept
-        errors.close()
-    report.shards = writer.written
-    return report
+            bar.close()
+    return output.report
+
+
+def _finish(report: JobReport, out: Path) -> int:
+    print(json.dumps(report.as_json(out)), flush=True)
+    if report.deferred:
+        print(f"vqtok tokenize: {report.deferred} files could not be read yet (still being written, or too many "
+              "open files); rerun the same command to pick them up", flush=True)
+        return 3
+    return 0
 
 
 def main(args) -> int:
-    cfg = JobConfig(root=args.dir, out=args.out, batch=args.batch, concurrency=args.concurrency,
-                    shard_size=args.shard_size)
-    if not cfg.root.is_dir():
-        raise SystemExit(f"vqtok tokenize: {cfg.root} is not a directory")
-
-    async def go() -> JobReport:
-        async with AsyncClient(args.url, api_key=args.api_key) as client:
-            return await run_job(client, cfg)
-
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise SystemExit(f"vqtok tokenize: {root} is not a directory")
     try:
-        report = asyncio.run(go())
+        if args.local:
+            from service.jobs.local import LocalConfig, run_local
+
+            report = run_local(LocalConfig.from_args(args), progress=True)
+        elif args.ray is not None:
+            from service.jobs.ray_job import RayConfig, run_ray
+
+            report = run_ray(RayConfig.from_args(args), progress=True)
+        else:
+            report = asyncio.run(_run_http(args))
     except (JobAborted, VqtokError) as e:
         print(f"vqtok tokenize: stopped: {e}\n  rerun the same command to resume", flush=True)
         return 1
-    print(json.dumps({"encoded": report.encoded, "refused": report.failed, "already_done": report.skipped,
-                      "shards_written": report.shards, "out": str(cfg.out)}))
-    return 0
+    return _finish(report, args.out)
+
+
+async def _run_http(args) -> JobReport:
+    cfg = JobConfig(root=args.dir, out=args.out, batch=args.batch or JobConfig.batch, concurrency=args.concurrency,
+                    shard_size=args.shard_size, parquet=args.parquet)
+    async with AsyncClient(args.url, api_key=args.api_key) as client:
+        return await run_job(client, cfg, progress=True)

@@ -1,0 +1,218 @@
+"""Image files for the folder jobs: listing, reading through transient errors, preprocessing.
+
+A folder being filled while a job runs has files that are still being copied, and a busy machine
+runs out of file descriptors now and then. Neither is the file's fault, so neither may end up in
+``errors.jsonl`` for good:
+
+- ``EMFILE``/``ENFILE``/``EAGAIN``/``EINTR``/``EBUSY`` on open or read are retried with backoff;
+- a file whose size or mtime changes while it is read is read again;
+- a file that fails to decode while it is younger than ``settle_s`` is judged only once it has
+  been left alone that long (a copy in progress looks exactly like a truncated image).
+
+What still fails after the retries is *deferred*: neither encoded nor recorded, so a rerun tries
+it again. The preprocessing is the service's (``service.bundle.images``: JPEG draft mode, EXIF
+orientation, resize-and-crop), and refusals carry the status and code ``/v1/encode`` would answer.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from service.bundle.images import IMAGE_SUFFIXES, ORIENTATION, center_crop, decode_rgb, open_image
+from service.jobs.retry import Backoff
+
+TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.EINTR, errno.EBUSY})
+_TRANSPOSED = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
+
+
+def list_images(root: Path) -> list[str]:
+    """Image files under ``root`` as sorted POSIX paths relative to it."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    retries: int = 5  # per file, for transient read errors and files still changing
+    backoff: Backoff = field(default_factory=lambda: Backoff(first_s=0.1, cap_s=5.0))
+    settle_s: float = 2.0  # a file modified more recently than this may still be being written
+
+
+class TransientReadError(OSError):
+    """The file could not be read yet (still changing, too many open files): try again later."""
+
+
+class FileRefused(Exception):
+    """The file itself is bad; ``status`` and ``code`` are what ``/v1/encode`` answers for it."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+    def __reduce__(self):  # it travels back from the decode pool's processes
+        return FileRefused, (self.status, self.code, self.message)
+
+
+@dataclass(frozen=True)
+class Stamp:
+    """What a file looked like when read: if this changes, the bytes read may be stale."""
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> Stamp:
+        st = path.stat()
+        return cls(st.st_size, st.st_mtime_ns)
+
+    def age_s(self) -> float:
+        return time.time() - self.mtime_ns / 1e9
+
+
+def sleep(seconds: float) -> None:  # module-level so tests can watch the pauses
+    time.sleep(seconds)
+
+
+def read_file(path: Path, policy: ReadPolicy) -> tuple[bytes, Stamp]:
+    """The file's bytes and its stamp, retrying transient errors and reads that raced a writer.
+
+    Raises ``TransientReadError`` when it keeps failing that way, ``OSError`` for anything else
+    (missing, permission denied, a directory).
+    """
+    last: OSError | None = None
+    for attempt in range(policy.retries + 1):
+        if attempt:
+            sleep(policy.backoff.delay(attempt - 1))
+        try:
+            before = Stamp.of(path)
+            data = path.read_bytes()
+            after = Stamp.of(path)
+        except OSError as e:
+            if e.errno not in TRANSIENT_ERRNOS:
+                raise
+            last = e
+            continue
+        if before == after and len(data) == after.size:
+            return data, after
+        last = TransientReadError(f"{path.name} changed while it was read")
+    raise TransientReadError(f"{path.name}: still failing after {policy.retries} retries: {last}")
+
+
+def source_size(im: Image.Image) -> tuple[int, int]:
+    """(height, width) of an opened image as displayed, EXIF orientation applied (header only)."""
+    w, h = im.size
+    try:
+        transposed = im.getexif().get(ORIENTATION, 1) in _TRANSPOSED
+    except Exception:  # noqa: BLE001 - decode_rgb ignores a broken EXIF block too
+        transposed = False
+    return (w, h) if transposed else (h, w)
+
+
+def header_size(data: bytes) -> tuple[int, int]:
+    """``source_size`` from a file's bytes; (0, 0) if the header cannot be read."""
+    try:
+        with open_image(data) as im:
+            return source_size(im)
+    except Exception:  # noqa: BLE001 - only called for files the service already accepted
+        return 0, 0
+
+
+def preprocess(data: bytes, image_size: int, max_pixels: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """What ``/v1/encode?fit=center_crop`` feeds the model, and the source (height, width).
+
+    Refusals mirror ``service.api.decoding.load_image``: the same status and code for the same file.
+    ``max_pixels`` None leaves the limit to Pillow's own decompression-bomb check.
+    """
+    if not data:
+        raise FileRefused(400, "invalid_image", "empty file")
+    try:
+        im = open_image(data)
+    except Image.DecompressionBombError as e:
+        raise FileRefused(413, "too_many_pixels", str(e)) from None
+    except UnidentifiedImageError:
+        raise FileRefused(400, "invalid_image", "not an image in a format we can read") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types on malformed headers
+        raise FileRefused(400, "invalid_image", f"cannot read the image ({type(e).__name__})") from None
+    with im:
+        w, h = im.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise FileRefused(413, "too_many_pixels", f"{w}x{h} exceeds the limit of {max_pixels} pixels")
+        if w == 0 or h == 0:
+            raise FileRefused(400, "invalid_image", "image has no pixels")
+        size = source_size(im)
+        try:
+            pixels = center_crop(decode_rgb(im, thumbnail=image_size), image_size)
+        except Image.DecompressionBombError as e:
+            raise FileRefused(413, "too_many_pixels", str(e)) from None
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt data
+            raise FileRefused(400, "invalid_image",
+                              f"cannot decode the image ({type(e).__name__}: {str(e)[:100]})") from None
+    return pixels, size
+
+
+def still_settling(path: Path, stamp: Stamp, policy: ReadPolicy) -> bool:
+    """A failure on this file may be a copy in progress: it changed since read, or is too young to judge.
+
+    Waits until the file is ``settle_s`` old, so the caller can simply read it again.
+    """
+    try:
+        now = Stamp.of(path)
+    except OSError:
+        return False
+    if now != stamp:
+        return True
+    young = policy.settle_s - now.age_s()
+    if young > 0:
+        sleep(young)
+        return True
+    return False
+
+
+@dataclass
+class Loaded:
+    """One file's outcome: pixels and size, or a refusal, or deferred (``transient``)."""
+    path: str
+    pixels: np.ndarray | None = None
+    size: tuple[int, int] = (0, 0)
+    refusal: FileRefused | None = None
+    transient: str | None = None
+
+
+def load_file(root: Path, rel: str, image_size: int, policy: ReadPolicy, max_pixels: int | None = None) -> Loaded:
+    """Read and preprocess one file, with the retries above. Runs in the decode pool's processes."""
+    path = root / rel
+    for _ in range(policy.retries + 1):
+        try:
+            data, stamp = read_file(path, policy)
+        except TransientReadError as e:
+            return Loaded(rel, transient=str(e))
+        except OSError as e:
+            return Loaded(rel, refusal=FileRefused(0, "unreadable_file", str(e)))
+        try:
+            pixels, size = preprocess(data, image_size, max_pixels)
+            return Loaded(rel, pixels=pixels, size=size)
+        except FileRefused as e:
+            if not still_settling(path, stamp, policy):
+                return Loaded(rel, refusal=e)
+    return Loaded(rel, transient=f"{rel} kept changing; left for a rerun")
+
+
+def load_files(root: str, rels: list[str], image_size: int, policy: ReadPolicy,
+               max_pixels: int | None = None) -> list[Loaded]:
+    """``load_file`` over a chunk: one task for the pool, so per-task overhead is paid per chunk."""
+    return [load_file(Path(root), rel, image_size, policy, max_pixels) for rel in rels]
+
+
+def stack(loaded: list[Loaded], image_size: int) -> np.ndarray:
+    """uint8 [n, S, S, 3] of the files that decoded (an empty batch keeps its shape)."""
+    good = [x.pixels for x in loaded if x.pixels is not None]
+    return np.stack(good) if good else np.zeros((0, image_size, image_size, 3), np.uint8)
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
