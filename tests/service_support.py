@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +21,7 @@ from PIL import Image
 
 from service.api.app import create_app
 from service.api.config import Settings
-from service.bundle import Bundle
+from service.bundle import MANIFEST, Bundle, prior_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -129,3 +131,16 @@ def serve_process(bundle_dir: Path, env: dict[str, str] | None = None, ready_tim
 def read_log(proc: subprocess.Popen) -> str:
     proc.log.seek(0)
     return proc.log.read()
+
+
+def without_priors(bundle_dir: Path, out: Path) -> Path:
+    """A copy of a bundle without its priors: it encodes and decodes, but cannot sample or score."""
+    manifest = json.loads((bundle_dir / MANIFEST).read_text())
+    drop = {prior_graph(level["name"]) for level in manifest["levels"]}
+    drop |= {info[k] for info in manifest.pop("sampling", {}).values() for k in ("row", "pixel", "cond") if info.get(k)}
+    manifest["files"] = {name: entry for name, entry in manifest["files"].items() if name not in drop}
+    out.mkdir(parents=True)
+    for entry in manifest["files"].values():
+        shutil.copy(bundle_dir / entry["path"], out / entry["path"])
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    return out

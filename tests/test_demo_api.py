@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import math
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import TINY_CODES, random_images, tiny_models
 from PIL import Image
-from service_support import ROOT, image_files, metric_value, png_bytes, run, serving
+from service_support import ROOT, image_files, metric_value, png_bytes, run, serving, without_priors
 
 from service.api.decoding import load_image
 from service.api.demo import STATIC
@@ -117,13 +116,8 @@ def test_bits_on_a_one_level_bundle(tiny_one_level_bundle):
 
 
 def test_bits_without_priors_answer_uniform_only(tiny_bundle, tmp_path):
-    # The same bundle with its priors taken out of the manifest: encode still works, prior is null.
-    root = tmp_path / "no_priors"
-    shutil.copytree(tiny_bundle, root)
-    manifest = json.loads((root / "manifest.json").read_text())
-    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("prior_")}
-    manifest.pop("sampling", None)
-    (root / "manifest.json").write_text(json.dumps(manifest))
+    # The same bundle without its priors: encode still works, prior is null.
+    root = without_priors(tiny_bundle, tmp_path / "no_priors")
     assert not Bundle.load(root).can_sample
 
     async def main():

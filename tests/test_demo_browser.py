@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import random_images
 from PIL import Image
-from service_support import ROOT, image_files, png_bytes, serve_process
+from service_support import ROOT, image_files, png_bytes, serve_process, without_priors
 
 from service.api.errors import error_body
 from service.bundle import DEFAULT_BUNDLE
@@ -56,9 +56,11 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def keyed_server():
+def keyed_server(tmp_path_factory):
+    """Keys, a small body limit, and a bundle without priors (no sampling: a real 503; no prior bits)."""
+    bundle = without_priors(DEFAULT_BUNDLE, tmp_path_factory.mktemp("bundle") / "no_priors")
     env = {"VQTOK_API_KEYS": KEY, "VQTOK_MAX_BODY_BYTES": str(BODY_LIMIT)}
-    with serve_process(DEFAULT_BUNDLE, env=env) as (_, url):
+    with serve_process(bundle, env=env) as (_, url):
         yield url
 
 
@@ -117,6 +119,19 @@ def answer_with(status: int, code: str, message: str):
     def handler(route) -> None:
         route.fulfill(status=status, content_type="application/json", body=json.dumps(error_body(code, message)))
     return handler
+
+
+def drop_file(page, selector: str, data: bytes, name: str) -> None:
+    """Drop a file on ``selector`` as a user dragging it from the desktop would."""
+    transfer = page.evaluate_handle(
+        """([b64, name]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], name, { type: "image/png" }));
+            return dt;
+        }""", [base64.b64encode(data).decode(), name])
+    page.dispatch_event(selector, "dragover", {"dataTransfer": transfer})
+    page.dispatch_event(selector, "drop", {"dataTransfer": transfer})
 
 
 def wait_for_encoding(page, levels: int) -> None:
@@ -252,8 +267,9 @@ def test_api_errors_show_their_message(page, server, tmp_path):
     assert page.text_content("#error") == api_error(server, "/v1/encode?fit=none&bits=true",
                                                     files=image_files([odd.read_bytes()]))
 
-    # 503 and 415 cannot be provoked from this page on a healthy server (it always sends a valid
-    # content type; its queues do not fill): the browser is handed the API's own error bodies.
+    # A 415 cannot be provoked from this page (it always sends a valid content type), nor a full
+    # queue's 503 from one browser: the page is handed the API's own error bodies for those.
+    # (A real 503 is in the keys test: sampling from a bundle without priors.)
     for status, code, message in ((503, "overloaded", "the sample queue is full; retry later"),
                                   (415, "unsupported_media_type", "expected Content-Type application/json")):
         page.route("**/v1/sample", answer_with(status, code, message))
@@ -285,12 +301,20 @@ def test_with_api_keys_the_page_asks_for_one_and_sends_it(page, keyed_server, tm
                      files=image_files([big.read_bytes()]))
     assert page.text_content("#error") == want and want.startswith("413 ")
 
-    small = tmp_path / "small.png"
-    small.write_bytes(png_bytes(random_images(1, size=64, seed=5)[0]))
-    assert small.stat().st_size < BODY_LIMIT
-    page.set_input_files("#file-input", str(small))
+    # Dropped rather than chosen: the drop zone takes the file; this bundle has no priors to score it.
+    small = png_bytes(random_images(1, size=64, seed=5)[0])
+    assert len(small) < BODY_LIMIT
+    drop_file(page, "#drop-zone", small, "small.png")
     wait_for_encoding(page, 2)
     assert page.is_hidden("#error")
+    assert page.text_content("#bits-prior") == "n/a (no priors)"
+    assert float(page.get_attribute("#bits-uniform", "data-value")) > 0
+
+    # A real 503: this bundle cannot sample.
+    page.click("#sample-submit")
+    page.wait_for_function("() => document.getElementById('error').dataset.status === '503'")
+    assert page.text_content("#error") == api_error(keyed_server, "/v1/sample", json={"n": 8},
+                                                    headers={"Authorization": f"Bearer {KEY}"})
     assert auth_headers[0] is None and auth_headers[-1] == f"Bearer {KEY}"
 
 
