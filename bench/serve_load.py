@@ -16,6 +16,14 @@ encode throughput (no HTTP, no PNG decoding) at each batch size for both layouts
 every core; one single-threaded stream per core), and compares the served rate with the best of
 all of them. Writes bench/results/serve_load.json and .png.
 
+    python bench/serve_load.py --layouts [--load wrk|python] [--images 1,16] [--workers N] [--device cpu|cuda]
+
+compares process layouts instead, in one run: the plain FastAPI app (``bench/plain_app.py``: one
+ORT call per request on every core; CPU only), ``vqtok serve`` as one process (VQTOK_WORKERS=1) and
+in the workers layout (N front ends + one engine process), with requests of 1 and of 16 images.
+The load comes from ``wrk`` (a Lua script sends the multipart body) or, where wrk is missing, from
+the Python generator below spread over several processes. Writes bench/results/serve_layouts.json.
+
 The load generator is a minimal keep-alive HTTP/1.1 client on raw asyncio streams with the request
 bytes built once, so that on a small machine the clients take as little CPU from the server as
 possible (it still shares the cores: the numbers are a lower bound for a separate client host).
@@ -28,6 +36,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,12 +72,7 @@ def png(pixels: np.ndarray) -> bytes:
 
 
 def encode_request(blob: bytes, port: int) -> bytes:
-    boundary = "vqtokbenchboundary"
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"a.png\"\r\n"
-            f"Content-Type: image/png\r\n\r\n").encode() + blob + f"\r\n--{boundary}--\r\n".encode()
-    head = (f"POST /v1/encode HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n")
-    return head.encode() + body
+    return encode_request_body(multipart_body([blob]), port)
 
 
 async def read_response(reader: asyncio.StreamReader) -> int:
@@ -81,7 +85,7 @@ async def read_response(reader: asyncio.StreamReader) -> int:
 
 
 async def closed_loop(port: int, requests: list[bytes], concurrency: int, duration: float,
-                      warmup: float) -> dict:
+                      warmup: float, keep_latencies: bool = False) -> dict:
     latencies: list[float] = []
     errors = 0
     start_measure = time.perf_counter() + warmup
@@ -110,10 +114,13 @@ async def closed_loop(port: int, requests: list[bytes], concurrency: int, durati
 
     await asyncio.gather(*(worker(i) for i in range(concurrency)))
     lat = np.array(latencies) * 1000
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": errors,
-            "throughput_rps": len(latencies) / duration,
-            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
-            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None}
+    out = {"concurrency": concurrency, "requests": len(latencies), "errors": errors,
+           "throughput_rps": len(latencies) / duration,
+           "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+           "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None}
+    if keep_latencies:
+        out["latencies_ms"] = lat
+    return out
 
 
 def free_port() -> int:
@@ -122,13 +129,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+def start_server(model: Path, env: dict[str, str], plain: bool = False) -> tuple[subprocess.Popen, int]:
+    """``vqtok serve`` (or, with ``plain``, the baseline app) on a free port, once /readyz is 200."""
     import httpx
 
     port = free_port()
     full_env = {**os.environ, "VQTOK_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT), **env}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(model),
-                             "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=full_env)
+    cmd = ([sys.executable, str(ROOT / "bench" / "plain_app.py")] if plain
+           else [sys.executable, "-m", "service.cli", "serve"])
+    proc = subprocess.Popen([*cmd, "--model", str(model), "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=ROOT, env=full_env, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -160,6 +170,19 @@ def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a process and its threads (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """The same for a process and all its descendants (front-end workers, the engine process)."""
+    total = 0.0
+    try:
+        total = process_cpu_s(pid)
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                total += tree_cpu_s(int(child))
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return total
 
 
 def served(model: Path, blobs: list[bytes], concurrency: list[int], duration: float, warmup: float,
@@ -286,6 +309,156 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# -- process layouts (--layouts) -------------------------------------------------------------------
+WRK_LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "multipart/form-data; boundary=vqtokbenchboundary"
+local f = assert(io.open(os.getenv("VQTOK_WRK_BODY"), "rb"))
+wrk.body = f:read("*a")
+f:close()
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('WRKJSON {"requests": %d, "duration_us": %d, "bad_status": %d, "socket_errors": %d, '
+    .. '"p50_us": %d, "p99_us": %d, "mean_us": %f}\\n', summary.requests, summary.duration, e.status,
+    e.connect + e.read + e.write + e.timeout, latency:percentile(50), latency:percentile(99), latency.mean))
+end
+"""
+
+
+def multipart_body(blobs: list[bytes]) -> bytes:
+    boundary = "vqtokbenchboundary"
+    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"images\"; filename=\"{i}.png\"\r\n"
+             f"Content-Type: image/png\r\n\r\n".encode() + b + b"\r\n" for i, b in enumerate(blobs)]
+    return b"".join(parts) + f"--{boundary}--\r\n".encode()
+
+
+def wrk_point(port: int, body: bytes, concurrency: int, duration: float, warmup: float, tmp: Path) -> dict:
+    """One closed-loop point with wrk (one thread: the load generator shares the cores)."""
+    (tmp / "body").write_bytes(body)
+    (tmp / "post.lua").write_text(WRK_LUA)
+    env = {**os.environ, "VQTOK_WRK_BODY": str(tmp / "body")}
+    url = f"http://127.0.0.1:{port}/v1/encode"
+    threads = max(1, min(concurrency, (os.cpu_count() or 1) // 4))  # 1 here; a few on a 16-core box
+    for secs in ([warmup] if warmup > 0 else []) + [duration]:
+        out = subprocess.run(["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(secs, 1):.0f}s",
+                              "--timeout", "30s", "-s", str(tmp / "post.lua"), url],
+                             capture_output=True, text=True, env=env, check=True).stdout
+    res = json.loads(next(line for line in out.splitlines() if line.startswith("WRKJSON "))[8:])
+    seconds = res["duration_us"] / 1e6
+    return {"concurrency": concurrency, "requests": res["requests"], "errors": res["bad_status"] + res["socket_errors"],
+            "throughput_rps": res["requests"] / seconds, "p50_ms": res["p50_us"] / 1000,
+            "p99_ms": res["p99_us"] / 1000, "mean_ms": res["mean_us"] / 1000}
+
+
+def _python_load(args: tuple) -> dict:
+    port, body, concurrency, duration, warmup = args
+    return asyncio.run(closed_loop(port, [encode_request_body(body, port)], concurrency, duration, warmup,
+                                   keep_latencies=True))
+
+
+def python_point(port: int, body: bytes, concurrency: int, duration: float, warmup: float, procs: int) -> dict:
+    """The Python generator in ``procs`` processes (one process cannot load a 16-core server)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    procs = max(1, min(procs, concurrency))
+    shares = [concurrency // procs + (i < concurrency % procs) for i in range(procs)]
+    with ProcessPoolExecutor(procs) as pool:
+        parts = list(pool.map(_python_load, [(port, body, c, duration, warmup) for c in shares]))
+    lat = np.concatenate([p.pop("latencies_ms") for p in parts])
+    return {"concurrency": concurrency, "requests": sum(p["requests"] for p in parts),
+            "errors": sum(p["errors"] for p in parts), "throughput_rps": sum(p["throughput_rps"] for p in parts),
+            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+            "mean_ms": float(lat.mean()) if len(lat) else None}
+
+
+def encode_request_body(body: bytes, port: int) -> bytes:
+    head = (f"POST /v1/encode HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: multipart/form-data; boundary=vqtokbenchboundary\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+def compare_layouts(args: argparse.Namespace, bundle: Bundle, blobs: list[bytes]) -> dict:
+    import tempfile
+
+    import httpx
+
+    cores = os.cpu_count() or 1
+    common = {"VQTOK_DEVICE": args.device, "VQTOK_API_KEYS": "", "VQTOK_MAX_ITEMS": "64",
+              "VQTOK_QUEUE_LIMIT": str(max(512, 16 * 4 * max(args.concurrency)))}
+    if args.tf32:
+        common["VQTOK_TF32"] = "true"
+    servers: dict[str, tuple[dict[str, str], bool]] = {
+        "one_process": ({**common, "VQTOK_WORKERS": "1"}, False),
+        "workers": ({**common, "VQTOK_WORKERS": str(args.workers)}, False)}
+    if args.device == "cpu":  # the baseline is the plain CPU app of the issue
+        servers = {"plain_fastapi": ({}, True), **servers}
+    result: dict = {"model": bundle.name, "image_size": bundle.image_size, "cpu_count": cores,
+                    "machine": platform.processor() or platform.machine(), "device": args.device,
+                    "load_generator": args.load, "duration_s": args.duration, "workers": args.workers, "layouts": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, (env, plain) in servers.items():
+            print(f"{name}:", flush=True)
+            proc, port = start_server(args.model, env, plain=plain)
+            info = {} if plain else httpx.get(f"http://127.0.0.1:{port}/v1/model").json()
+            rows = []
+            try:
+                for n_images in args.images:
+                    body = multipart_body([blobs[i % len(blobs)] for i in range(n_images)])
+                    for c in args.concurrency:
+                        before = None if plain else batch_stats(port)
+                        cpu0 = tree_cpu_s(proc.pid)
+                        if args.load == "wrk":
+                            row = wrk_point(port, body, c, args.duration, args.warmup_s, Path(tmp))
+                        else:
+                            row = python_point(port, body, c, args.duration, args.warmup_s, args.load_procs)
+                        cpu = tree_cpu_s(proc.pid) - cpu0
+                        row["images_per_request"] = n_images
+                        row["images_per_s"] = row["throughput_rps"] * n_images
+                        # CPU over warm-up and measurement alike, per measured request: an upper bound.
+                        row["server_cpu_ms_per_request"] = 1000 * cpu / max(row["requests"], 1)
+                        if before is not None:
+                            time.sleep(0.2)
+                            after = batch_stats(port)
+                            row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+                        row["provider"] = info.get("provider", "CPUExecutionProvider")
+                        row["gpu"] = info.get("gpu")
+                        rows.append(row)
+                        print(f"  {n_images:2d} img/req c={c:3d}  {row['throughput_rps']:8.1f} req/s "
+                              f"({row['images_per_s']:.0f} img/s)  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms"
+                              f"  errors {row['errors']}  batch {row.get('mean_batch', 0):.1f}"
+                              f"  server cpu {row['server_cpu_ms_per_request']:.2f} ms/req", flush=True)
+            finally:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+            result["layouts"][name] = rows
+    result["summary"] = layouts_summary(result["layouts"])
+    return result
+
+
+def layouts_summary(layouts: dict[str, list[dict]]) -> dict:
+    """Ratios within the run: each layout against the plain app (or the one process on a GPU box)."""
+    ref_name = "plain_fastapi" if "plain_fastapi" in layouts else "one_process"
+    out: dict = {"reference": ref_name}
+
+    def point(rows: list[dict], n: int, c: int) -> dict | None:
+        return next((r for r in rows if r["images_per_request"] == n and r["concurrency"] == c), None)
+
+    for name, rows in layouts.items():
+        if name == ref_name:
+            continue
+        for r in rows:
+            ref = point(layouts[ref_name], r["images_per_request"], r["concurrency"])
+            if ref and ref["throughput_rps"] and ref["p50_ms"]:
+                key = f"{name}/{r['images_per_request']}img/c{r['concurrency']}"
+                out[key] = {"throughput_ratio": r["throughput_rps"] / ref["throughput_rps"],
+                            "p50_ratio": r["p50_ms"] / ref["p50_ms"]}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=ROOT / "artifacts" / "default")
@@ -294,13 +467,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=lambda s: [int(x) for x in s.split(",")], default=list(DEFAULT_CONCURRENCY))
     p.add_argument("--max-batch", type=int, default=None, help="VQTOK_MAX_BATCH with batching on (default: the server's)")
     p.add_argument("--max-delay-ms", type=float, default=None, help="VQTOK_MAX_DELAY_MS (default: the server's)")
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_load.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default bench/results/serve_load.json, or serve_layouts.json with --layouts")
+    p.add_argument("--layouts", action="store_true", help="compare process layouts (see above)")
+    p.add_argument("--load", choices=("wrk", "python"), default="wrk" if shutil.which("wrk") else "python")
+    p.add_argument("--load-procs", type=int, default=max(1, (os.cpu_count() or 1) // 4),
+                   help="processes of the Python load generator")
+    p.add_argument("--images", type=lambda s: [int(x) for x in s.split(",")], default=[1, 16],
+                   help="images per request (--layouts)")
+    p.add_argument("--workers", type=int, default=2, help="front ends of the workers layout (--layouts)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(--layouts)")
+    p.add_argument("--tf32", action="store_true", help="VQTOK_TF32 on CUDA (--layouts)")
     args = p.parse_args(argv)
     warmup = args.duration * 0.2 if args.warmup is None else args.warmup
+    args.warmup_s = warmup
 
     bundle = Bundle.load(args.model)
     images = smooth_images(64, bundle.image_size)
     blobs = [png(im) for im in images]
+    if args.layouts:
+        out = args.out or ROOT / "bench" / "results" / "serve_layouts.json"
+        result = compare_layouts(args, bundle, blobs)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result["summary"], indent=2))
+        print(f"wrote {out}")
+        return 0
+    args.out = args.out or ROOT / "bench" / "results" / "serve_load.json"
     cores = os.cpu_count() or 1
     # Streams and threads are left to the server's defaults except in the one-stream mode.
     common = {"VQTOK_DEVICE": "cpu", "VQTOK_API_KEYS": "", "VQTOK_STREAMS": "0", "VQTOK_INTRA_OP_THREADS": "0",

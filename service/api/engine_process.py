@@ -184,10 +184,21 @@ def run_engine(settings_dump: dict[str, Any], path: str, status: Connection) -> 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        # Only the parent's SIGTERM ends the engine, after the front ends have drained; a Ctrl-C
-        # reaches the whole process group and must not stop it while they still answer.
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        # Only the parent ends the engine, after the front ends have drained: by a word on the status
+        # pipe, or by dying (the pipe closes). Signals to the whole process group (Ctrl-C, a
+        # container's stop) must not stop it while the front ends still answer their requests.
+        loop.add_signal_handler(signal.SIGTERM, lambda: None)
         loop.add_signal_handler(signal.SIGINT, lambda: None)
+
+        def parent_said() -> None:
+            try:
+                status.recv()
+            except (EOFError, OSError):
+                pass
+            loop.remove_reader(status.fileno())
+            stop.set()
+
+        loop.add_reader(status.fileno(), parent_said)
         server = EngineServer(backend, settings)
         serving = asyncio.create_task(server.serve(path, stop))
         await server.listening.wait()

@@ -277,7 +277,7 @@ def serve_workers(settings: Settings, workers: int, uvicorn_options: dict[str, A
     ctx = multiprocessing.get_context("spawn")
     tmp = Path(tempfile.mkdtemp(prefix="vqtok-engine-"))
     path = str(tmp / "engine.sock")
-    status, child_end = ctx.Pipe(duplex=False)
+    status, child_end = ctx.Pipe()  # the engine reports on it; the parent says "stop" on it
     engine = ctx.Process(target=run_engine, args=(settings.model_dump(mode="json"), path, child_end),
                          name="vqtok-engine")
     engine.start()
@@ -313,8 +313,12 @@ def serve_workers(settings: Settings, workers: int, uvicorn_options: dict[str, A
         return 0 if engine.is_alive() else 3
     finally:
         if engine.is_alive():
-            engine.terminate()
+            try:
+                status.send("stop")
+            except OSError:  # it is exiting anyway
+                pass
             engine.join(30)
             if engine.is_alive():
                 engine.kill()
+        status.close()
         shutil.rmtree(tmp, ignore_errors=True)
