@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -31,6 +33,8 @@ from service.runtime.session import CUDA, RuntimeConfig
 
 log = logging.getLogger("vqtok.service")
 
+EngineFactory = Callable[[Backend, Settings, Metrics], Engine]
+
 DESCRIPTION = """Image tokenizer: images to VQ-VAE-2 code grids and back, and samples from the priors.
 Requests are batched dynamically per operation; errors are always `{"error": {"code", "message"}}`."""
 
@@ -40,7 +44,8 @@ def runtime_config(settings: Settings) -> RuntimeConfig:
     return RuntimeConfig(device=settings.device, intra_op_threads=settings.intra_op_threads,
                          inter_op_threads=settings.inter_op_threads, spinning=settings.ort_spinning,
                          sampler=settings.sampler, warmup_batch=settings.batch_size(CUDA),
-                         tf32=settings.tf32)
+                         sample_warmup_batch=settings.sample_max_batch, tf32=settings.tf32,
+                         alone_threads=os.cpu_count() or 1, cpu_sample_max=settings.cpu_sample_max)
 
 
 def load_backend(bundle: Bundle, settings: Settings) -> OrtBackend:
@@ -60,6 +65,7 @@ def model_info(state: ServiceState) -> dict[str, Any]:
         "graphs": sorted(m["files"]),
         "provider": provider,
         "device": "cuda" if provider == CUDA else "cpu",
+        "gpu": getattr(backend, "gpu_name", None),
         "sampler": getattr(backend, "sampler_method", None),
         "streams": state.engine.streams,
         "intra_op_threads": s.intra_op_threads,
@@ -84,11 +90,13 @@ async def _warm_up(state: ServiceState) -> None:
 
 
 def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None,
-               backend: Backend | None = None) -> FastAPI:
+               backend: Backend | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
     """The app for ``settings`` (default: from the environment).
 
     ``bundle`` and ``backend`` may be passed in (``serve`` loads them first to fail fast; tests wrap
     the backend); otherwise the bundle is loaded and verified here and the backend in the lifespan.
+    ``engine_factory`` replaces the in-process ``Engine`` (the workers layout's front ends pass one
+    that forwards to the engine process).
     """
     settings = settings or Settings()
     bundle = bundle or Bundle.load(settings.model_dir)
@@ -101,7 +109,8 @@ def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None
     async def lifespan(app: FastAPI):
         if state.backend is None:
             state.backend = await asyncio.to_thread(load_backend, bundle, settings)
-        state.engine = Engine(state.backend, settings, metrics)
+        metrics.watch_backend(state.backend)
+        state.engine = (engine_factory or Engine)(state.backend, settings, metrics)
         state.engine.start()
         state.model_info = model_info(state)
         log.info("serving bundle %r from %s on %s (max batch %d, max delay %g ms, %d streams of %d ORT threads)",

@@ -57,6 +57,14 @@ class Settings(BaseSettings):
     sampler: Literal["cached", "naive"] = "cached"
     # CUDA only: allow TF32 convolutions (faster, but the codes then differ from the CPU's in ~1 % of places).
     tf32: bool = False
+    # Processes: 1 is one process doing HTTP and inference; N > 1 is N front-end workers (HTTP,
+    # validation, image decoding, answers) and one engine process that owns the sessions and batches
+    # across all of them (service/api/workers.py). 0 is auto: see workers_for.
+    workers: int = Field(0, ge=0)
+    # CUDA only: sampling batches of at most this many samples run on one CPU thread. A GPU step is a
+    # launch-bound call: n=1 took 217 ms on an H200 (issue 11), while one thread of this 2-core CPU
+    # does n=1 in 52 ms and n=8 in 148 ms (bench/results/sampling_1thread.json). 0: always the GPU.
+    cpu_sample_max: int = Field(8, ge=0)
 
     png_compress_level: int = Field(1, ge=0, le=9)  # fast: the PNGs are small and latency counts
     log_level: str = "info"
@@ -81,6 +89,17 @@ class Settings(BaseSettings):
             cores = os.cpu_count() or 1
             self.intra_op_threads = max(1, cores // (self.streams or cores))
         return self
+
+    def workers_for(self, provider: str) -> int:
+        """Front-end processes for an execution provider (1: the one-process layout).
+
+        On CUDA one process's event loop is the bottleneck, so every core but two (the engine
+        process's loop and its ORT thread) runs a front end. On CPU the model needs the cores and
+        the one-process layout measured faster (bench/serve_load.py, README "Service").
+        """
+        if self.workers:
+            return self.workers
+        return max(2, (os.cpu_count() or 1) - 2) if provider == CUDA else 1
 
     def streams_for(self, provider: str) -> int:
         """Batches each operation runs at once on an execution provider."""

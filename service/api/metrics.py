@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -27,6 +29,11 @@ class Metrics:
         self.batch_failures = Counter("vqtok_batch_failures", "batches whose inference raised", ["op"],
                                       registry=r)
 
+    def watch_backend(self, backend: object) -> None:
+        """Export the backend's warm-ups of new input sizes (fit=none sizes on CUDA), if it counts them."""
+        if hasattr(backend, "size_warmups"):
+            self.registry.register(SizeWarmups(backend))
+
     def for_op(self, op: str) -> OpMetrics:
         return OpMetrics(self.queue_time.labels(op), self.inference_time.labels(op), self.batch_size.labels(op),
                          self.queue_depth.labels(op), self.batch_failures.labels(op))
@@ -41,3 +48,20 @@ class OpMetrics:
     batch_size: Histogram
     queue_depth: Gauge
     batch_failures: Counter
+
+
+class SizeWarmups(Collector):
+    """Read at scrape time from the backend's counters (the runtime layer knows nothing of Prometheus)."""
+
+    def __init__(self, backend: object):
+        self.backend = backend
+
+    def collect(self):
+        count = CounterMetricFamily("vqtok_size_warmups", "input sizes seen for the first time, each warmed "
+                                    "at every batch bucket by the request that brought it", labels=["op"])
+        seconds = CounterMetricFamily("vqtok_size_warmup_seconds", "time those warm-ups took", labels=["op"])
+        for op in ("encode", "decode"):
+            count.add_metric([op], self.backend.size_warmups[op])
+            seconds.add_metric([op], self.backend.size_warmup_seconds[op])
+        yield count
+        yield seconds

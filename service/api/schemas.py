@@ -161,6 +161,7 @@ class ModelInfo(BaseModel):
     graphs: list[str]
     provider: str
     device: str
+    gpu: str | None = Field(None, description="the GPU's name on CUDA (from NVML), else null")
     sampler: str | None
     streams: int = Field(description="batches each operation runs at once")
     intra_op_threads: int = Field(description="ONNX Runtime threads per batch")

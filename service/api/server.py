@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from service.api.app import create_app, load_backend
 from service.api.config import Settings
 from service.bundle import DEFAULT_BUNDLE, Bundle, BundleError
-from service.runtime.session import DeviceUnavailable
+from service.runtime.session import CPU, CUDA, DeviceUnavailable, RuntimeConfig, wants_cuda
 
 log = logging.getLogger("vqtok.service")
 
@@ -36,6 +36,11 @@ def serve(model_dir: str | Path | None = None, host: str | None = None, port: in
     _configure_logging(settings.log_level)
     try:
         bundle = Bundle.load(settings.model_dir)
+        workers = settings.workers_for(CUDA if wants_cuda(RuntimeConfig(device=settings.device)) else CPU)
+        if workers > 1:  # the engine process loads the backend (and reports a broken bundle or device)
+            from service.api.workers import serve_workers
+
+            return serve_workers(settings, workers, uvicorn_options(settings))
         backend = load_backend(bundle, settings)
     except (BundleError, DeviceUnavailable) as e:
         hint = ""
@@ -47,9 +52,13 @@ def serve(model_dir: str | Path | None = None, host: str | None = None, port: in
         return 2
     log.info("ONNX Runtime provider: %s", backend.provider)
     app = create_app(settings, bundle=bundle, backend=backend)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, log_level=settings.log_level,
-                            access_log=settings.access_log, timeout_graceful_shutdown=settings.graceful_timeout_s,
-                            log_config=None)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, **uvicorn_options(settings))
     server = uvicorn.Server(config)
     server.run()
     return 0 if server.started else 3
+
+
+def uvicorn_options(settings: Settings) -> dict:
+    """uvicorn's settings, the same for the one process and for each front-end worker."""
+    return {"log_level": settings.log_level, "access_log": settings.access_log,
+            "timeout_graceful_shutdown": settings.graceful_timeout_s, "log_config": None}

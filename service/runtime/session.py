@@ -7,6 +7,7 @@ same thing everywhere.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,10 +24,17 @@ CPU = "CPUExecutionProvider"
 class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
+    alone_threads: int = 0  # CPU: threads of an extra encoder/decoder session for a batch that runs alone; 0: none
     inter_op_threads: int = 1
     spinning: bool = False
     sampler: str = "cached"
-    warmup_batch: int = 1
+    warmup_batch: int = 1  # the largest encode/decode batch the service runs (its max batch)
+    sample_warmup_batch: int = 1  # the largest sampling batch (the service's sample max batch)
+    # Pad every batch up to a power of two (see service.runtime.buckets). None: only on CUDA, where a
+    # batch size seen for the first time costs ~65 ms (kernel choice, allocation) against ~1.8 ms.
+    buckets: bool | None = None
+    # CUDA: sampling batches of at most this many samples run on the CPU (0: never).
+    cpu_sample_max: int = 0
     # TF32 convolutions on Ampere+ GPUs are ~1.7x faster but change 0.5-1.7 % of the codes against
     # the CPU (measured on an H200): off by default, so a token means the same on every device.
     tf32: bool = False
@@ -98,6 +106,37 @@ def open_session(path: str | Path, cfg: RuntimeConfig = RuntimeConfig(device="cp
             raise DeviceUnavailable(f"device=cuda but the CUDA execution provider did not load: {reason}")
         log.warning("CUDA execution provider did not load (%s); using CPU", reason)
     return ort.InferenceSession(str(path), sess_options=opts, providers=[CPU])
+
+
+def gpu_name(device_id: int = 0) -> str | None:
+    """The name of the GPU a CUDA session runs on ("NVIDIA H200"), or None when it cannot be told.
+
+    ONNX Runtime does not report it, so ask NVML (nvidia-ml-py, in the [gpu] extra) and fall back
+    to the driver's /proc file. NVML counts every GPU while CUDA counts only CUDA_VISIBLE_DEVICES,
+    so the CUDA index is mapped through that variable first.
+    """
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    ref = visible[device_id] if device_id < len(visible) else str(device_id)
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            handle = (pynvml.nvmlDeviceGetHandleByIndex(int(ref)) if ref.isdigit()
+                      else pynvml.nvmlDeviceGetHandleByUUID(ref))
+            name = pynvml.nvmlDeviceGetName(handle)
+            return name.decode() if isinstance(name, bytes) else name
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception as e:  # noqa: BLE001 - no NVML (not installed, no driver): try the driver's files
+        log.debug("NVML gives no GPU name (%s)", e)
+    infos = sorted(Path("/proc/driver/nvidia/gpus").glob("*/information"))
+    if ref.isdigit() and int(ref) < len(infos):
+        for line in infos[int(ref)].read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model":
+                return value.strip()
+    return None
 
 
 def device_name(sess: ort.InferenceSession) -> str:
