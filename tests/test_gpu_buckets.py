@@ -116,3 +116,25 @@ def test_size_warmups_are_exported_as_metrics(tiny_bundle):
             assert info["device"] == "cpu" and info["gpu"] is None
 
     run(main())
+
+
+def test_small_sampling_batches_go_to_the_cpu_sampler(tiny_bundle, plain):
+    """On CUDA the backend builds ``cpu_sampler`` itself (n <= cpu_sample_max); the routing is the same here."""
+    from service.runtime.sampler import PriorSampler
+
+    backend = OrtBackend(Bundle.load(tiny_bundle), RuntimeConfig(device="cpu", intra_op_threads=1, buckets=True,
+                                                                 cpu_sample_max=2))
+    assert backend.cpu_sampler is None  # not on a CPU provider
+    calls = []
+
+    class Counting(PriorSampler):
+        def sample(self, noise, temperature, top_k):
+            calls.append(len(next(iter(noise.values()))))
+            return super().sample(noise, temperature, top_k)
+
+    backend.cpu_sampler = Counting(backend.bundle, cfg=RuntimeConfig(device="cpu", intra_op_threads=1))
+    for n in (1, 2, 3):
+        args = (noise_for(backend.bundle, n, n), np.ones(n, np.float32), np.zeros(n, np.int64))
+        got, ref = backend.sample(*args), plain.sample(*args)
+        assert all((got[k] == ref[k]).all() for k in ref)
+    assert calls == [1, 2]  # n = 3 went to the main sampler (padded to 4)

@@ -2,6 +2,8 @@
 tensors through shared memory. End to end on CPU with 2 workers, plus the slab allocator alone."""
 from __future__ import annotations
 
+import base64
+import io
 import os
 import signal
 from concurrent.futures import ThreadPoolExecutor
@@ -11,6 +13,7 @@ import httpx
 import numpy as np
 import pytest
 from conftest import TINY_SIZE, random_images
+from PIL import Image
 from service_support import image_files, metric_value, png_bytes, read_log, serve_process
 
 from service.api.shm import ALIGN, Slab, layout
@@ -80,10 +83,6 @@ def test_two_workers_and_an_engine_answer_like_one_process(tiny_bundle, referenc
             # Decode through the engine gives the reference decoder's pixels (PNG is lossless).
             r = c.post("/v1/decode", json={"items": [{"top": it["top"], "bottom": it["bottom"]} for it in items[:2]]})
             assert r.status_code == 200, r.text
-            from service_support import Image  # PIL, as the support module imports it
-            import base64
-            import io
-
             got = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in r.json()["images"]])
             assert (got == reference.decode({k: v[:2] for k, v in want.items()})).all()
             # Sampling: same seed, same codes as the backend run directly.
