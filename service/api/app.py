@@ -17,14 +17,15 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
 
+from service.api.admission import PixelBudget, ReleaseTickets, WorkPool
 from service.api.auth import ApiKeyAuth, document_security
 from service.api.config import Settings
 from service.api.decoding import ImageLimits
-from service.api.demo import install_demo
+from service.api.demo import PAGE, demo, install_demo
 from service.api.engine import Engine
 from service.api.errors import install_handlers
 from service.api.metrics import Metrics
-from service.api.middleware import BodyLimit, RequestMetrics
+from service.api.middleware import BodyGuard, BytesInFlight, RequestMetrics
 from service.api.router import EXTRA_SCHEMAS, health, v1
 from service.api.state import ServiceState
 from service.bundle import Bundle
@@ -103,7 +104,9 @@ def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None
     metrics = Metrics()
     limits = ImageLimits(bundle.image_size, bundle.size_multiple, settings.max_image_pixels,
                          settings.max_native_pixels)
-    state = ServiceState(settings, bundle, metrics, limits, backend)
+    pool = WorkPool(settings.decode_workers)
+    budget = PixelBudget(settings.max_pixels_in_flight, settings.retry_after_s, metrics.pixels_in_flight)
+    state = ServiceState(settings, bundle, metrics, limits, pool, budget, backend)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -122,6 +125,7 @@ def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None
         finally:
             warm.cancel()
             await state.engine.stop()
+            pool.shutdown()
 
     app = FastAPI(title="vqtok", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.vqtok = state
@@ -129,9 +133,17 @@ def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None
     app.include_router(health)
     app.include_router(v1)
     install_demo(app)  # the page at /demo (open; the API it calls is not)
+    # Open without a key: probes, docs, the demo page (its API calls are not); /metrics unless METRICS_AUTH.
+    open_paths = {route.path for route in (*health.routes, *demo.routes)}
+    open_paths |= {app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url}
+    if settings.metrics_auth:
+        open_paths.discard("/metrics")
     # Added last = outermost: metrics see every status, and the key is checked before the body limit.
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ApiKeyAuth, keys=settings.api_keys)
+    app.add_middleware(ReleaseTickets)
+    app.add_middleware(BodyGuard, max_bytes=settings.max_body_bytes,
+                       timeout_s=min(settings.body_timeout_s, settings.request_timeout_s),
+                       in_flight=BytesInFlight(settings.max_bytes_in_flight, settings.retry_after_s))
+    app.add_middleware(ApiKeyAuth, keys=settings.api_keys, open_paths=open_paths, open_prefixes=(PAGE + "/static/",))
     app.add_middleware(RequestMetrics, metrics=metrics,
                        endpoints=frozenset(route.path for route in (*health.routes, *v1.routes)))
 
@@ -141,7 +153,7 @@ def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None
             _, defs = models_json_schema([(m, "validation") for m in EXTRA_SCHEMAS],
                                          ref_template="#/components/schemas/{model}")
             schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
-            document_security(schema)
+            document_security(schema, open_paths)
             app.openapi_schema = schema
         return app.openapi_schema
 

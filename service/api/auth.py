@@ -1,5 +1,8 @@
-"""Optional Bearer API keys. Health, metrics and docs stay open; the ``/v1`` API needs a key when
-any is configured. Keys are compared in constant time, all of them, so timing reveals nothing.
+"""Optional Bearer API keys. When any key is configured, every path needs one except an explicit
+open list (health probes and the docs; ``/metrics`` too unless ``VQTOK_METRICS_AUTH``). Deny by
+default: a path the list does not name exactly, under whatever mount point or ``root_path``, is
+authenticated, so no prefix, trailing slash or unknown path gets around the check. Keys are
+compared in constant time, all of them, so timing reveals nothing.
 
 A pure ASGI middleware rather than a FastAPI dependency: it answers before routing and before any
 body is read, and it costs the hot path nothing when no keys are set (FastAPI's dependency
@@ -8,13 +11,13 @@ resolution was a measurable share of a small encode's CPU; see bench/request_ove
 from __future__ import annotations
 
 import hmac
+from collections.abc import Iterable
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.errors import error_body
-from service.api.middleware import send_json
+from service.api.middleware import route_path, send_json
 
-PROTECTED_PREFIX = "/v1/"
 SECURITY_SCHEME = {"bearer": {"type": "http", "scheme": "bearer",
                               "description": "an API key, when the server has VQTOK_API_KEYS set"}}
 
@@ -30,18 +33,26 @@ def bearer_token(scope: Scope) -> bytes | None:
     for name, value in scope["headers"]:
         if name == b"authorization":
             scheme, _, token = value.partition(b" ")
-            return token.strip() if scheme.lower() == b"bearer" else None
+            token = token.strip()
+            return token if scheme.lower() == b"bearer" and token else None
     return None
 
 
 class ApiKeyAuth:
-    """401 (with ``WWW-Authenticate: Bearer``) for ``/v1`` requests without a valid key."""
+    """401 (with ``WWW-Authenticate: Bearer``) for requests without a valid key, except on
+    ``open_paths`` (exact) and under ``open_prefixes`` (static files)."""
 
-    def __init__(self, app: ASGIApp, keys: list[str]):
+    def __init__(self, app: ASGIApp, keys: list[str], open_paths: Iterable[str], open_prefixes: tuple[str, ...] = ()):
+        if any(not k.strip() for k in keys):  # Settings refuses these too; never let "" match a bare "Bearer"
+            raise ValueError("API keys must not be empty or whitespace")
         self.app, self.keys = app, [k.encode() for k in keys]
+        self.open_paths, self.open_prefixes = frozenset(open_paths), open_prefixes
+
+    def is_open(self, path: str) -> bool:
+        return path in self.open_paths or (bool(self.open_prefixes) and path.startswith(self.open_prefixes))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.keys and scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX):
+        if self.keys and scope["type"] == "http" and not self.is_open(route_path(scope)):
             token = bearer_token(scope)
             if token is None or not key_matches(token, self.keys):
                 return await send_json(send, 401, error_body(
@@ -50,10 +61,11 @@ class ApiKeyAuth:
         await self.app(scope, receive, send)
 
 
-def document_security(schema: dict) -> None:
-    """Mark every ``/v1`` operation in an OpenAPI schema as needing the bearer key."""
+def document_security(schema: dict, open_paths: Iterable[str]) -> None:
+    """Mark every OpenAPI operation outside ``open_paths`` as needing the bearer key."""
+    open_paths = frozenset(open_paths)
     schema.setdefault("components", {}).setdefault("securitySchemes", {}).update(SECURITY_SCHEME)
     for path, operations in schema.get("paths", {}).items():
-        if path.startswith(PROTECTED_PREFIX):
+        if path not in open_paths:
             for operation in operations.values():
                 operation["security"] = [{"bearer": []}]

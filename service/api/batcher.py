@@ -4,13 +4,21 @@ A request is a list of items (images, code grids, samples). ``Batcher.run`` grou
 key (the input shape: only equal shapes stack into one tensor), splits each group into chunks of at
 most ``max_batch`` items and queues the chunks as jobs. The owning task closes a batch when a key
 has ``max_batch`` items waiting, or when the oldest waiting job is ``max_delay`` old, and runs the
-batch function in a worker thread so the event loop keeps accepting requests meanwhile. Up to
+batch function in a worker thread so the event loop keeps accepting requests meanwhile. Among the
+keys that are due, the one whose oldest job has waited longest goes first (age-based fairness: a
+steady stream of full batches of one shape cannot starve an older job of another shape). Up to
 ``streams`` batches run at once; while all of them run the queue fills up, which is what makes
 batches grow under load. (On a CPU, several single-threaded batches at once beat one batch on
 every core: ONNX Runtime's intra-op threads wait on each other after every operator.)
 
 Failure isolation: an exception in the batch function fails that batch's jobs only. A job whose
-request has gone (client disconnected, deadline passed) is cancelled and leaves the queue at once.
+request has gone (client disconnected, deadline passed) is cancelled and leaves the queue at once;
+one cancelled while its batch formed is left out of it. A batch function that takes a second
+argument (``stoppable``) gets a ``should_stop()`` that turns true once nobody waits for any of its
+jobs, so a long loop (sampling) can stop early.
+
+Health: ``problem()`` names a batcher whose task has ended or whose batch has run past the
+watchdog limit; ``/readyz`` turns 503 on it.
 """
 from __future__ import annotations
 
@@ -38,6 +46,7 @@ class BatcherConfig:
     queue_limit: int = 512  # items waiting (not yet running)
     retry_after_s: int = 1
     streams: int = 1  # batches running at once, each in its own thread
+    stoppable: bool = False  # the batch function takes (items, should_stop)
 
 
 @dataclass(eq=False)
@@ -58,21 +67,41 @@ class Batcher:
         self._depth = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()
+        self._running: dict[asyncio.Task, float] = {}  # batch task -> when it started (perf_counter)
+        self._stopping = False
         self._executor = ThreadPoolExecutor(max_workers=config.streams, thread_name_prefix=f"vqtok-{name}")
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop(), name=f"batcher-{self.name}")
+            self._task.add_done_callback(self._on_task_end)
+
+    def _on_task_end(self, task: asyncio.Task) -> None:
+        if self._stopping:
+            return
+        # It should run until stop(): say loudly why it did not.
+        if task.cancelled():
+            log.error("%s batcher task was cancelled; /readyz now answers 503", self.name)
+        else:
+            log.error("%s batcher task ended unexpectedly: %r; /readyz now answers 503", self.name, task.exception())
+
+    def problem(self, watchdog_s: float) -> str | None:
+        """Why this batcher cannot serve (its task ended, a batch is stuck), or None."""
+        if self._task is not None and self._task.done():
+            return f"the {self.name} batcher has stopped"
+        now = time.perf_counter()
+        oldest = min(self._running.values(), default=now)
+        if now - oldest > watchdog_s:
+            return f"a {self.name} batch has been running for {now - oldest:.1f} s (watchdog {watchdog_s:g} s)"
+        return None
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # A task that died of an error has been logged already (``_on_task_end``).
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
         running = list(self._running)
         for task in running:
@@ -167,17 +196,24 @@ class Batcher:
 
     # -- the owning task ------------------------------------------------------------------------
     def _ready_key(self, now: float) -> tuple[bool, Hashable, float | None]:
-        """(ready, key to run now, seconds until the oldest job's delay runs out if none is ready)."""
-        oldest_key, oldest = None, None
+        """(ready, key to run now, seconds until the oldest job's delay runs out if none is ready).
+
+        A key is due when it has a full batch or its oldest job has waited ``max_delay``; of the due
+        keys, the one with the oldest job runs: once due, jobs run in arrival order whatever their shape."""
+        best_key, best = None, None
+        oldest = None
         for key, queue in self._queues.items():
-            if self._counts[key] >= self.config.max_batch:
-                return True, key, None
-            if oldest is None or queue[0].enqueued < oldest:
-                oldest_key, oldest = key, queue[0].enqueued
+            head = queue[0].enqueued
+            if self._counts[key] >= self.config.max_batch or head + self.config.max_delay_s <= now:
+                if best is None or head < best:
+                    best_key, best = key, head
+            elif oldest is None or head < oldest:
+                oldest = head
+        if best is not None:
+            return True, best_key, None
         if oldest is None:
             return False, None, None
-        wait = oldest + self.config.max_delay_s - now
-        return (True, oldest_key, None) if wait <= 0 else (False, None, wait)
+        return False, None, oldest + self.config.max_delay_s - now
 
     def _take(self, key: Hashable) -> list[_Job]:
         queue, jobs, size = self._queues[key], [], 0
@@ -213,8 +249,8 @@ class Batcher:
                 streams.release()
                 continue
             task = asyncio.create_task(self._run_batch(jobs), name=f"batch-{self.name}")
-            self._running.add(task)
-            task.add_done_callback(lambda t: (self._running.discard(t), streams.release()))
+            self._running[task] = time.perf_counter()
+            task.add_done_callback(lambda t: (self._running.pop(t, None), streams.release()))
 
     async def _run_batch(self, jobs: list[_Job]) -> None:
         try:
@@ -227,6 +263,9 @@ class Batcher:
             _fail(jobs, InferenceFailed(f"{self.name} failed"))
 
     async def _execute(self, jobs: list[_Job]) -> None:
+        jobs = [job for job in jobs if not job.future.done()]  # cancelled while the batch formed
+        if not jobs:
+            return
         items = [item for job in jobs for item in job.items]
         start = time.perf_counter()
         if self.metrics is not None:
@@ -234,11 +273,18 @@ class Batcher:
             for job in jobs:
                 self.metrics.queue_time.observe(start - job.enqueued)
         loop = asyncio.get_running_loop()
+        args: tuple = (items,)
+        if self.config.stoppable:
+            # Read from the worker thread: a future's done() is a plain attribute read.
+            args = (items, lambda: all(job.future.done() for job in jobs))
         try:
-            results = await loop.run_in_executor(self._executor, self.fn, items)
+            results = await loop.run_in_executor(self._executor, self.fn, *args)
             if len(results) != len(items):
                 raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
         except Exception as e:  # whatever the batch raised fails this batch only
+            if all(job.future.done() for job in jobs):  # nobody waits (it stopped early, say): not a failure
+                log.debug("%s batch of %d items ended with nobody waiting: %r", self.name, len(items), e)
+                return
             log.exception("%s batch of %d items failed", self.name, len(items))
             if self.metrics is not None:
                 self.metrics.batch_failures.inc()

@@ -37,8 +37,10 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(60.0, gt=0)
     retry_after_s: int = Field(1, ge=0)
 
-    # Comma-separated (or a JSON list); empty means no authentication.
+    # Comma-separated (or a JSON list); empty means no authentication. With keys, every path needs
+    # one except the health probes and the docs; metrics_auth puts /metrics behind the key as well.
     api_keys: Annotated[list[str], NoDecode] = []
+    metrics_auth: bool = False
 
     # Limits. Pixels over max_image_pixels are refused before decoding (decompression bombs);
     # fit=none and decode work at native size, so they get the tighter max_native_pixels.
@@ -46,6 +48,26 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(4096 * 4096, ge=1)
     max_native_pixels: int = Field(1024 * 1024, ge=1)
     max_items: int = Field(64, ge=1)
+    # Admission in pixels: a request holds its pixels (header pixels while decoding, then its arrays
+    # and answers) from the header check to its answer; past this many at once it gets 503, and a
+    # request that alone exceeds it 413. 64 Mpx is about 190 MB of RGB arrays.
+    max_pixels_in_flight: int = Field(64 * 1024 * 1024, ge=1)
+    # The largest answer a request may build (413 before any work when it could be bigger). Images
+    # count 4 bytes a pixel (a base64 PNG of incompressible pixels), code grids 5 bytes a code.
+    max_response_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    # JSON bodies of code grids (decode, sample): parsing lists costs ~9 bytes of memory a byte.
+    max_json_bytes: int = Field(8 * 1024 * 1024, ge=1)
+    # Image decoding and large JSON parsing run in this many threads (0: one per core but one, which
+    # is left to the event loop and the batches), never on the event loop.
+    decode_threads: int = Field(0, ge=0)
+
+    # Slow and many clients. A body still incomplete this long after its headers is 408; request
+    # bodies held at once are capped; uvicorn answers 503 beyond max_connections connections.
+    body_timeout_s: float = Field(30.0, gt=0)
+    max_bytes_in_flight: int = Field(256 * 1024 * 1024, ge=1)
+    max_connections: int = Field(512, ge=1)
+    # A batch running longer than this turns /readyz 503 (and is logged): the backend is stuck.
+    batch_watchdog_s: float = Field(120.0, gt=0)
 
     # ONNX Runtime. Each operation runs up to `streams` batches at once, each on `intra_op_threads`
     # threads. 0 is auto: on CPU one stream per core with one thread each, which beats one stream on
@@ -55,6 +77,9 @@ class Settings(BaseSettings):
     inter_op_threads: int = Field(1, ge=1)
     ort_spinning: bool = False
     sampler: Literal["cached", "naive"] = "cached"
+    # The naive sampler runs a full prior pass per code (about 1 sample/s on CPU): its batches are
+    # kept this small so that one batch cannot hold the sampling loop for minutes.
+    naive_sample_max_batch: int = Field(4, ge=1)
     # CUDA only: allow TF32 convolutions (faster, but the codes then differ from the CPU's in ~1 % of places).
     tf32: bool = False
     # Processes: 1 is one process doing HTTP and inference; N > 1 is N front-end workers (HTTP,
@@ -69,19 +94,30 @@ class Settings(BaseSettings):
     png_compress_level: int = Field(1, ge=0, le=9)  # fast: the PNGs are small and latency counts
     log_level: str = "info"
     access_log: bool = False  # per-request log lines cost throughput; /metrics counts requests
-    graceful_timeout_s: float = Field(30.0, gt=0)
+    # Unset: the request timeout plus 5 s, so that requests in flight at SIGTERM can finish.
+    graceful_timeout_s: float | None = Field(None, gt=0)
 
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             value = value.strip()
+            if not value:
+                return []
             if value.startswith("["):
                 import json
 
                 return json.loads(value)
-            return [k.strip() for k in value.split(",") if k.strip()]
+            return [k.strip() for k in value.split(",")]
         return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _no_empty_keys(cls, keys: list[str]) -> list[str]:
+        # An empty key would match a bare "Authorization: Bearer": refuse to start instead.
+        if any(not k.strip() for k in keys):
+            raise ValueError("an API key is empty or only whitespace")
+        return keys
 
     @model_validator(mode="after")
     def _threads(self) -> Settings:
@@ -89,6 +125,14 @@ class Settings(BaseSettings):
             cores = os.cpu_count() or 1
             self.intra_op_threads = max(1, cores // (self.streams or cores))
         return self
+
+    @property
+    def graceful_s(self) -> float:
+        return self.graceful_timeout_s if self.graceful_timeout_s is not None else self.request_timeout_s + 5.0
+
+    @property
+    def decode_workers(self) -> int:
+        return self.decode_threads or max(1, (os.cpu_count() or 1) - 1)
 
     def workers_for(self, provider: str) -> int:
         """Front-end processes for an execution provider (1: the one-process layout).

@@ -6,6 +6,7 @@ encode then decode, through the same two batchers.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,10 @@ class SampleItem:
     top_k: int  # 0: no top-k
 
 
+def _never() -> bool:
+    return False
+
+
 class Engine:
     def __init__(self, backend: Backend, settings: Settings, metrics: Metrics | None = None):
         self.backend = backend
@@ -50,9 +55,14 @@ class Engine:
             # One sampling loop at a time, whatever the streams: requests that arrive while it runs
             # share the next loop, which costs far less CPU than a loop each (one thread: 8 samples
             # take 2.8x as long as 1, bench/results/sampling_1thread.json).
-            sample_cfg = BatcherConfig(max_batch=settings.sample_max_batch, max_delay_s=delay,
+            # The naive sampler's batches stay small so that one cannot hold the loop for minutes; a
+            # batch whose requests have all gone (cancelled, timed out) stops at its next row.
+            sample_batch = settings.sample_max_batch
+            if getattr(backend, "sampler_method", None) == "naive":
+                sample_batch = min(sample_batch, settings.naive_sample_max_batch)
+            sample_cfg = BatcherConfig(max_batch=sample_batch, max_delay_s=delay,
                                        queue_limit=max(settings.queue_limit, settings.sample_max_batch),
-                                       retry_after_s=settings.retry_after_s, streams=1)
+                                       retry_after_s=settings.retry_after_s, streams=1, stoppable=True)
             self.sampler = Batcher("sample", self._sample_batch, _same_key, sample_cfg, metrics)
 
     @property
@@ -66,6 +76,10 @@ class Engine:
     async def stop(self) -> None:
         for b in self.batchers:
             await b.stop()
+
+    def problem(self, watchdog_s: float) -> str | None:
+        """The first batcher that cannot serve (its task ended, or a batch is past the watchdog)."""
+        return next((p for p in (b.problem(watchdog_s) for b in self.batchers) if p), None)
 
     # -- the API used by the router ------------------------------------------------------------
     async def encode(self, images: list[np.ndarray], deadline: float | None) -> list[Codes]:
@@ -100,7 +114,8 @@ class Engine:
         bits = self.backend.code_bits(self._stack(codes))
         return [{name: float(bits[name][i]) for name in self.levels} for i in range(len(codes))]
 
-    def _sample_batch(self, items: list[SampleItem]) -> list[tuple[np.ndarray, Codes]]:
+    def _sample_batch(self, items: list[SampleItem], should_stop: Callable[[], bool] = _never
+                      ) -> list[tuple[np.ndarray, Codes]]:
         # Each request's noise comes from its own seed, so a sample does not depend on its batch-mates.
         streams: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         for item in items:
@@ -110,7 +125,14 @@ class Engine:
         noise = {name: np.stack([streams[(it.seed, it.n)][name][it.index] for it in items]) for name in self.levels}
         temperature = np.array([it.temperature for it in items], dtype=np.float32)
         top_k = np.array([it.top_k for it in items], dtype=np.int64)
-        codes = self.backend.sample(noise, temperature, top_k)
+        sampler = getattr(self.backend, "sampler", None)
+        if sampler is not None:  # one sampling loop at a time (streams=1), so the hook is this batch's
+            sampler.should_stop = should_stop
+        try:
+            codes = self.backend.sample(noise, temperature, top_k)
+        finally:
+            if sampler is not None:
+                sampler.should_stop = _never
         images = self.backend.decode(codes)
         return [(images[i], {name: codes[name][i] for name in self.levels}) for i in range(len(items))]
 

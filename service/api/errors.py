@@ -8,6 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger("vqtok.service")
 
@@ -33,6 +34,10 @@ class BadRequest(ApiError):
 
 class Unauthorized(ApiError):
     status, code = 401, "unauthorized"
+
+
+class RequestTimeout(ApiError):
+    status, code = 408, "request_timeout"
 
 
 class PayloadTooLarge(ApiError):
@@ -61,6 +66,10 @@ class DeadlineExceeded(ApiError):
 
 class InferenceFailed(ApiError):
     status, code = 500, "inference_failed"
+
+
+class ClientGone(ApiError):
+    status, code = 499, "client_closed_request"
 
 
 def error_body(code: str, message: str) -> dict:
@@ -110,6 +119,11 @@ def install_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         code, message = validation_message(list(exc.errors()))
         return error_response(400 if code == "invalid_json" else 422, code, message)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client left while its body was being read: nobody reads this answer, and it is not our fault.
+        return error_response(ClientGone.status, ClientGone.code, "the client closed the connection")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

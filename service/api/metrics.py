@@ -28,6 +28,8 @@ class Metrics:
         self.queue_depth = Gauge("vqtok_queue_depth", "items waiting in a batcher's queue", ["op"], registry=r)
         self.batch_failures = Counter("vqtok_batch_failures", "batches whose inference raised", ["op"],
                                       registry=r)
+        self.pixels_in_flight = Gauge("vqtok_pixels_in_flight", "pixels admitted requests hold (decoding, "
+                                      "queued, running, answering)", registry=r)
 
     def watch_backend(self, backend: object) -> None:
         """Export the backend's warm-ups of new input sizes (fit=none sizes on CUDA), if it counts them."""

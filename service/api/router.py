@@ -20,10 +20,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from service.api.decoding import Fit, load_image
+from service.api.decoding import Fit, Probe, decode_image, probe_image
 from service.api.engine import Codes, Engine, SampleItem
 from service.api.errors import (
-    ApiError,
+    ClientGone,
+    DeadlineExceeded,
     PayloadTooLarge,
     Unprocessable,
     UnsupportedMediaType,
@@ -51,15 +52,17 @@ from service.runtime.codelength import uniform_bits
 
 M = TypeVar("M", bound=BaseModel)
 
-# Decoding or PNG-encoding this much work inline would stall the event loop; beyond it, a thread.
-INLINE_BYTES = 256 * 1024
+# Decoding or PNG-encoding more pixels, or parsing more JSON, than this inline would stall the
+# event loop; beyond it, the work pool. Decided by header pixels, never by compressed bytes: a
+# 16 kB PNG can hold 4096x4096 solid pixels.
+INLINE_BYTES = 64 * 1024
 INLINE_PIXELS = 64 * 64 * 16
+# Upper bounds of an answer's size, checked before any work (VQTOK_MAX_RESPONSE_BYTES): a base64
+# PNG of incompressible pixels takes 4 bytes a pixel; a code in a JSON list up to 5 ("4095,").
+PNG_B64_BYTES_PER_PIXEL = 4
+CODE_BYTES = 5
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 413, 415, 422, 500, 503, 504)}
-
-
-class ClientGone(ApiError):
-    status, code = 499, "client_closed_request"
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 408, 413, 415, 422, 500, 503, 504)}
 
 
 def _json_body(model: type[BaseModel]) -> dict:
@@ -133,9 +136,13 @@ def fast_json(body: dict[str, Any], status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-async def offload(heavy: bool, fn, *args):
-    """Run ``fn`` in a worker thread when it is heavy, inline when a thread hop would cost more."""
-    return await asyncio.to_thread(fn, *args) if heavy else fn(*args)
+def _unstoppable(stop, fn, *args):
+    return fn(*args)
+
+
+async def offload(st: ServiceState, heavy: bool, fn, *args):
+    """Run ``fn`` in the work pool when it is heavy, inline when a thread hop would cost more."""
+    return await st.pool.run(_unstoppable, fn, *args) if heavy else fn(*args)
 
 
 async def _disconnected(request: Request) -> None:
@@ -158,6 +165,22 @@ async def unless_client_gone(request: Request, work: Awaitable[Any]) -> Any:
     return task.result()
 
 
+async def within(request: Request, work: Awaitable[Any], deadline: float) -> Any:
+    """``unless_client_gone``, and 504 past the request's deadline."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await unless_client_gone(request, work)
+    except TimeoutError:
+        raise DeadlineExceeded("the request did not finish within its deadline") from None
+
+
+def check_answer(st: ServiceState, nbytes: float, what: str) -> None:
+    limit = st.settings.max_response_bytes
+    if nbytes > limit:
+        raise PayloadTooLarge(f"{what}: the answer could take {int(nbytes)} bytes, over the limit of {limit} "
+                              "(VQTOK_MAX_RESPONSE_BYTES); send fewer or smaller items", code="response_too_large")
+
+
 # --- request bodies ----------------------------------------------------------------------------
 def _media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
@@ -167,14 +190,27 @@ def _is_json(media_type: str) -> bool:
     return media_type == "application/json" or media_type.endswith("+json")
 
 
-async def read_json(request: Request, model: type[M]) -> M:
-    if not _is_json(_media_type(request)):
-        raise UnsupportedMediaType(f"expected Content-Type application/json, got {_media_type(request) or 'none'!r}")
-    body = await request.body()
+def _validate_json(stop, model: type[M], body: bytes) -> M:
     try:
         return model.model_validate_json(body)
     except ValidationError as e:
         raise unprocessable_from(e) from None
+
+
+async def read_json(request: Request, model: type[M], st: ServiceState, limit: int | None = None) -> M:
+    """The body validated as ``model``: inline when small, in the work pool when large (a 32 MB list of
+    codes takes seconds to parse). ``limit`` caps the body tighter than the body limit (413)."""
+    if not _is_json(_media_type(request)):
+        raise UnsupportedMediaType(f"expected Content-Type application/json, got {_media_type(request) or 'none'!r}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if limit is not None and len(body) > limit:
+            raise PayloadTooLarge(f"JSON body over {limit} bytes (VQTOK_MAX_JSON_BYTES); send code grids in the "
+                                  "compact b64 form, or fewer items per request")
+    if len(body) <= INLINE_BYTES:
+        return _validate_json(None, model, bytes(body))
+    return await st.pool.run(_validate_json, model, bytes(body))
 
 
 async def read_image_blobs(request: Request, st: ServiceState) -> list[bytes | bytearray]:
@@ -187,7 +223,7 @@ async def read_image_blobs(request: Request, st: ServiceState) -> list[bytes | b
                 raise Unprocessable(f"images[{i}]: must be a file part (filename=...), not a text field")
             blobs.append(part.data)
     elif _is_json(media_type):
-        req = await read_json(request, EncodeJsonRequest)
+        req = await read_json(request, EncodeJsonRequest, st)
         for i, text in enumerate(req.images):
             if text.startswith("data:") and "," in text:  # tolerate data URLs
                 text = text.split(",", 1)[1]
@@ -205,13 +241,41 @@ async def read_image_blobs(request: Request, st: ServiceState) -> list[bytes | b
     return blobs
 
 
-async def read_images(request: Request, st: ServiceState, fit: Fit) -> list[np.ndarray]:
+def decode_all(stop, probes: list[Probe], fit: Fit, st: ServiceState) -> list[np.ndarray]:
+    out = []
+    for p in probes:
+        if stop is not None and stop.is_set():  # the request was cancelled: no more decoding for it
+            raise ClientGone("the request was cancelled while its images were decoded")
+        out.append(decode_image(p, fit, st.limits))
+    return out
+
+
+async def read_images(request: Request, st: ServiceState, fit: Fit, deadline: float,
+                      answer_bytes_per_pixel: float, hold: int = 1) -> list[np.ndarray]:
+    """The request's images, decoded as admitted work: every header is checked first, the answer's
+    size bound too, then the request holds its pixels (``hold`` copies of the arrays: reconstruct
+    keeps its inputs and outputs) and decodes inline only when the header pixels are few."""
     blobs = await read_image_blobs(request, st)
+    probes = [probe_image(b, fit, st.limits, f"images[{i}]") for i, b in enumerate(blobs)]
+    header = sum(p.pixels for p in probes)
+    arrays = sum(st.limits.output_pixels(p.pixels, fit) for p in probes)
+    check_answer(st, arrays * answer_bytes_per_pixel, f"{len(probes)} images")
+    ticket = st.budget.admit(request.scope, max(header, arrays * hold), f"{len(probes)} images")
+    if header <= INLINE_PIXELS:
+        images = decode_all(None, probes, fit, st)
+    else:
+        images = await within(request, st.pool.run(decode_all, probes, fit, st), deadline)
+    ticket.resize(arrays * hold, f"{len(probes)} images")
+    return images
 
-    def load_all() -> list[np.ndarray]:
-        return [load_image(b, fit, st.limits, f"images[{i}]") for i, b in enumerate(blobs)]
 
-    return await offload(sum(map(len, blobs)) > INLINE_BYTES, load_all)
+def decoded_pixels(st: ServiceState, codes: list[Codes]) -> int:
+    name, level = next(iter(st.bundle.levels.items()))
+    return sum(c[name].size * level.stride ** 2 for c in codes)
+
+
+def codes_per_pixel(st: ServiceState) -> float:
+    return sum(1 / lv.stride ** 2 for lv in st.bundle.levels.values())
 
 
 def validate_codes(req: DecodeRequest, st: ServiceState) -> list[Codes]:
@@ -287,7 +351,7 @@ def encode_pngs(images: list[np.ndarray], level: int) -> list[str]:
 
 async def pngs_b64(images: list[np.ndarray], st: ServiceState) -> list[str]:
     heavy = sum(im.shape[0] * im.shape[1] for im in images) > INLINE_PIXELS
-    return await offload(heavy, encode_pngs, images, st.settings.png_compress_level)
+    return await offload(st, heavy, encode_pngs, images, st.settings.png_compress_level)
 
 
 # --- endpoints ---------------------------------------------------------------------------------
@@ -299,7 +363,7 @@ async def encode(request: Request):
     st = get_state(request)
     engine = st.require_ready()
     deadline = st.deadline()
-    images = await read_images(request, st, fit)
+    images = await read_images(request, st, fit, deadline, CODE_BYTES * codes_per_pixel(st))
     codes, prior = await unless_client_gone(request, encode_scored(engine, images, deadline, bits))
     items = [{"height": im.shape[0], "width": im.shape[1], **{k: grid_to_wire(g, fmt) for k, g in c.items()}}
              for im, c in zip(images, codes)]
@@ -316,8 +380,11 @@ async def decode(request: Request):
     st = get_state(request)
     engine = st.require_ready()
     deadline = st.deadline()
-    req = await read_json(request, DecodeRequest)
+    req = await read_json(request, DecodeRequest, st, st.settings.max_json_bytes)
     codes = validate_codes(req, st)
+    pixels = decoded_pixels(st, codes)
+    check_answer(st, pixels * PNG_B64_BYTES_PER_PIXEL, f"{len(codes)} items")
+    st.budget.admit(request.scope, pixels, f"{len(codes)} decoded images")
     images = await unless_client_gone(request, engine.decode(codes, deadline))
     if len(images) == 1 and "image/png" in request.headers.get("accept", ""):
         return Response(to_png(images[0], st.settings.png_compress_level), media_type="image/png")
@@ -332,7 +399,8 @@ async def reconstruct(request: Request):
     st = get_state(request)
     engine = st.require_ready()
     deadline = st.deadline()
-    images = await read_images(request, st, fit)
+    images = await read_images(request, st, fit, deadline, PNG_B64_BYTES_PER_PIXEL * (2 if include_input else 1),
+                               hold=2)
 
     async def both() -> tuple[list[Codes], list[np.ndarray], list[Any]]:
         codes = await engine.encode(images, deadline)
@@ -361,7 +429,14 @@ async def sample(request: Request):
     st = get_state(request)
     engine = st.require_ready()
     deadline = st.deadline()
-    req = await read_json(request, SampleRequest)
+    req = await read_json(request, SampleRequest, st, st.settings.max_json_bytes)
+    # Checked here, before the request joins a batch: one bad value must never fail its batch-mates.
+    k_max = max(lv.codebook_size for lv in st.bundle.levels.values())
+    if req.top_k is not None and req.top_k > k_max:
+        raise Unprocessable(f"top_k: must be in 1..{k_max} (the codebook size), got {req.top_k}")
+    pixels = req.n * st.bundle.image_size ** 2
+    check_answer(st, pixels * PNG_B64_BYTES_PER_PIXEL, f"{req.n} samples")
+    st.budget.admit(request.scope, pixels, f"{req.n} samples")
     seed = req.seed if req.seed is not None else secrets.randbits(63)
     items = [SampleItem(seed, req.n, i, req.temperature, req.top_k or 0) for i in range(req.n)]
     results = await unless_client_gone(request, engine.sample(items, deadline))
@@ -385,9 +460,13 @@ async def healthz():
 @health.get("/readyz", response_model=Health, responses={503: {"model": ErrorResponse}},
             summary="The model is loaded and warmed up")
 async def readyz(request: Request):
-    if get_state(request).ready.is_set():
-        return fast_json({"status": "ready"})
-    return JSONResponse(error_body("not_ready", "the model is still warming up"), status_code=503)
+    st = get_state(request)
+    if not st.ready.is_set():
+        return JSONResponse(error_body("not_ready", "the model is still warming up"), status_code=503)
+    problem = st.problem()
+    if problem is not None:  # a stuck or dead batcher: take this instance out of rotation
+        return JSONResponse(error_body("unhealthy", problem), status_code=503)
+    return fast_json({"status": "ready"})
 
 
 @health.get("/metrics", summary="Prometheus metrics", response_class=Response,

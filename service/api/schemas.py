@@ -54,10 +54,16 @@ class DecodeRequest(_Strict):
     items: list[DecodeItem] = Field(min_length=1)
 
 
+# Temperatures are float32 in the sampler: keep them normal there (no 0, no overflow, no subnormal).
+F32_TINY, F32_MAX = 1.1754943508222875e-38, 3.4028234663852886e38
+
+
 class SampleRequest(_Strict):
     n: int = Field(1, ge=1, le=64, description="number of images")
-    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
-    top_k: int | None = Field(None, ge=1, description="sample among the k most likely codes only")
+    temperature: float = Field(1.0, ge=F32_TINY, le=F32_MAX, allow_inf_nan=False,
+                               description="within the float32 normal range")
+    top_k: int | None = Field(None, ge=1, le=2**16, description="sample among the k most likely codes only; "
+                              "at most the codebook size K (GET /v1/model)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same images; random if absent")
     return_codes: bool = False
     format: GridFormat = Field("list", description="code grid form when return_codes is true")

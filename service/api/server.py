@@ -7,7 +7,10 @@ missing or corrupt file ends the command with a one-line error naming it (exit s
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import uvicorn
@@ -52,13 +55,34 @@ def serve(model_dir: str | Path | None = None, host: str | None = None, port: in
         return 2
     log.info("ONNX Runtime provider: %s", backend.provider)
     app = create_app(settings, bundle=bundle, backend=backend)
+    # The graceful timeout covers the request timeout, so requests in flight at SIGTERM can finish;
+    # beyond max_connections uvicorn answers 503 at once.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, **uvicorn_options(settings))
     server = uvicorn.Server(config)
     server.run()
-    return 0 if server.started else 3
+    return exit_now(0 if server.started else 3)
 
 
 def uvicorn_options(settings: Settings) -> dict:
     """uvicorn's settings, the same for the one process and for each front-end worker."""
     return {"log_level": settings.log_level, "access_log": settings.access_log,
-            "timeout_graceful_shutdown": settings.graceful_timeout_s, "log_config": None}
+            "timeout_graceful_shutdown": settings.graceful_s, "limit_concurrency": settings.max_connections,
+            "log_config": None}
+
+
+def exit_now(code: int) -> int:
+    """Return ``code``, unless a worker thread is still busy (a batch stuck in the backend): then
+    end the process at once, since the interpreter would otherwise wait for that thread forever
+    (thread pools join their threads at exit)."""
+    workers = [t for t in threading.enumerate() if not t.daemon and t.name.startswith("vqtok-")]
+    deadline = time.monotonic() + 2.0  # idle workers of a shut-down pool end within moments
+    for t in workers:
+        t.join(max(0.0, deadline - time.monotonic()))
+    stuck = [t.name for t in workers if t.is_alive()]
+    if stuck:
+        log.error("exiting with worker threads still busy: %s", ", ".join(stuck))
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from service.api.admission import PixelBudget, WorkPool
 from service.api.config import Settings
 from service.api.decoding import ImageLimits
 from service.api.engine import Engine
@@ -13,6 +15,8 @@ from service.api.metrics import Metrics
 from service.bundle import Bundle
 from service.runtime.backend import Backend
 
+log = logging.getLogger("vqtok.service")
+
 
 @dataclass
 class ServiceState:
@@ -20,15 +24,30 @@ class ServiceState:
     bundle: Bundle
     metrics: Metrics
     limits: ImageLimits
+    pool: WorkPool
+    budget: PixelBudget
     backend: Backend | None = None
     engine: Engine | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     model_info: dict[str, Any] = field(default_factory=dict)
+    last_problem: str | None = None
 
     def require_ready(self) -> Engine:
         if not self.ready.is_set() or self.engine is None:
             raise NotReady("the model is still warming up", headers={"Retry-After": str(self.settings.retry_after_s)})
         return self.engine
+
+    def problem(self) -> str | None:
+        """Why the service cannot serve right now although it was ready (a stuck or dead batcher)."""
+        check = getattr(self.engine, "problem", None)
+        problem = check(self.settings.batch_watchdog_s) if check is not None else None
+        if problem != self.last_problem:
+            if problem is not None:
+                log.error("not ready: %s", problem)
+            else:
+                log.warning("ready again: %s is over", self.last_problem)
+            self.last_problem = problem
+        return problem
 
     def deadline(self) -> float:
         """The loop time by which a request arriving now must be answered."""

@@ -24,6 +24,8 @@ DEFAULT_BUNDLE = Path(__file__).resolve().parents[2] / "artifacts" / "default"
 
 # Graph names. Per-level priors are "prior_<level>"; their step graphs are listed under "sampling".
 ENCODER, DECODER = "encoder", "decoder"
+# What the cached sampler reads of each level's ``sampling`` entry ("cond" is optional).
+SAMPLING_KEYS = ("row", "pixel", "num_codes", "pad_code", "vcache", "hcache")
 
 
 class BundleError(RuntimeError):
@@ -117,6 +119,20 @@ class Bundle:
         for graph in (ENCODER, DECODER):
             if graph not in files:
                 raise BundleError(f"{where}: the manifest lists no {graph} graph")
+        self._check_sampling(where, files)
+
+    def _check_sampling(self, where: str, files: dict) -> None:
+        """The cached-sampling section (optional): every key the sampler reads, every graph listed."""
+        sampling = self.manifest.get("sampling", {})
+        if not isinstance(sampling, dict):
+            raise BundleError(f"{where}: 'sampling' must be an object")
+        for level, info in sampling.items():
+            for key in SAMPLING_KEYS:
+                _require(info, key, f"{where}: sampling.{level}")
+            for role in ("row", "pixel", "cond"):
+                graph = info.get(role)
+                if graph is not None and graph not in files:
+                    raise BundleError(f"{where}: sampling.{level}.{role} names {graph!r}, which 'files' does not list")
 
     def verify(self) -> None:
         for name, entry in self.manifest["files"].items():
