@@ -59,7 +59,10 @@ def serve(model_dir: str | Path | None = None, host: str | None = None, port: in
     # beyond max_connections uvicorn answers 503 at once.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, **uvicorn_options(settings))
     server = uvicorn.Server(config)
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn re-raises the signal that stopped it: SIGINT comes back here
+        return exit_now(130)
     return exit_now(0 if server.started else 3)
 
 
