@@ -50,7 +50,14 @@ LEVELS_DOC = "one code grid per level of the bundle, keyed by level name (see GE
 DecodeItem = Annotated[dict[str, Grid], Field(description=LEVELS_DOC, min_length=1)]
 
 
+# A 64x64 image of the default bundle's level names (codes 0..3 exist in any codebook); also what
+# /docs offers to try, and an example the API fuzz test (Schemathesis) sends as it is.
+DECODE_EXAMPLE = {"items": [{"top": [[(i + j) % 4 for j in range(8)] for i in range(8)],
+                             "bottom": [[(i * j) % 4 for j in range(16)] for i in range(16)]}]}
+
+
 class DecodeRequest(_Strict):
+    model_config = ConfigDict(json_schema_extra={"examples": [DECODE_EXAMPLE]})
     items: list[DecodeItem] = Field(min_length=1)
 
 
