@@ -1,5 +1,6 @@
 """A tiny end-to-end run on a temp image folder: train, resume, prior, evaluate, export."""
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ from PIL import Image
 
 from service.cli import main as cli
 from tests.conftest import random_images
-from training.data import is_heldout, make_source
+from training.data import is_heldout, make_source, split_source
 from training.loop import read_metrics
 
 TINY_MODEL = ["--image-size", "32", "--batch-size", "8", "--channels", "16", "--res-channels", "8",
@@ -72,7 +73,8 @@ def test_several_sources_are_packed_together(image_folder, tmp_path):
 def test_train_resume_prior_evaluate_export(image_folder, tmp_path):
     data = ["--data", str(image_folder), "--val-fraction", "0.2"]
     full = tmp_path / "full"
-    assert cli(["train-vqvae", "--run", str(full), "--steps", "40", "--eval-every", "20", *data, *TINY_MODEL]) == 0
+    assert cli(["train-vqvae", "--run", str(full), "--steps", "40", "--eval-every", "20", "--data-terms", "test terms",
+                *data, *TINY_MODEL]) == 0
     curve = losses(full)
     assert len(curve) == 40
     assert np.mean(curve[-5:]) < np.mean(curve[:5]), "loss did not decrease"
@@ -130,6 +132,16 @@ def test_train_resume_prior_evaluate_export(image_folder, tmp_path):
         assert 0 < lv["prior_bits_per_code"] < 20
     assert report["reconstruction"]["psnr"] > 5
     assert "PSNR" in (ev / "eval.md").read_text()
+    # Native size: every readable held-out file, its code length under the priors as the byte budget
+    # of JPEG and WebP, file by file.
+    native = report["native"]
+    assert native["images"] == report["heldout_images"] and native["bits_per_pixel"] > 0
+    for row in native["per_image"]:
+        assert row["bytes"] == math.ceil(row["bits"] / 8) and row["height"] % 8 == 0 and row["width"] % 8 == 0
+        for fmt in ("jpeg", "webp"):
+            assert row[fmt]["over_budget"] or row[fmt]["bytes"] <= row["bytes"]
+    assert native["jpeg"]["gap_db"] == pytest.approx(native["psnr"] - native["jpeg"]["psnr"])
+    assert (ev / "native_comparison.png").is_file() and (ev / "reconstructions.png").is_file()
 
     bundle = tmp_path / "bundle"
     assert cli(["export", "--vqvae", str(full), "--prior-top", str(top), "--prior-bottom", str(bottom),
@@ -138,3 +150,15 @@ def test_train_resume_prior_evaluate_export(image_folder, tmp_path):
     assert manifest["parity"]["code_agreement_bottom"] >= 0.995
     assert manifest["metrics"]["reconstruction"]["psnr"] == report["reconstruction"]["psnr"]
     assert [lv["stride"] for lv in manifest["levels"]] == [8, 4]
+    (source,) = manifest["data"]["sources"]
+    assert source["terms"] == "test terms"
+    assert source["heldout_files"] == len(split_source(str(image_folder), 0.2).heldout_files)
+    assert "per_image" not in manifest["metrics"]["native"]
+
+    # The bundle's own weights, evaluated on the same held-out files, give the run's figures.
+    again = tmp_path / "bundle_eval"
+    assert cli(["evaluate", "--bundle", str(bundle), "--data", str(image_folder), "--val-fraction", "0.2",
+                "--out", str(again)]) == 0
+    rebuilt = json.loads((again / "eval.json").read_text())
+    assert rebuilt["reconstruction"]["psnr"] == pytest.approx(report["reconstruction"]["psnr"])
+    assert rebuilt["native"]["bits_per_pixel"] == pytest.approx(native["bits_per_pixel"])

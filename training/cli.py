@@ -56,7 +56,10 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=_train_prior)
 
     p = sub.add_parser("evaluate", help="held-out metrics (JSON + Markdown)")
-    p.add_argument("--vqvae", required=True, type=Path, help="VQ-VAE run directory or checkpoint")
+    p.add_argument("--vqvae", type=Path, help="VQ-VAE run directory or checkpoint")
+    p.add_argument("--bundle", type=Path, help="evaluate this bundle (its graphs' weights) instead of a run")
+    p.add_argument("--data", help="sources whose held-out files to use (default: the run's own --data)")
+    p.add_argument("--val-fraction", type=float, help="held-out share of folder files (default: the run's)")
     p.add_argument("--prior-top", type=Path, help="top prior run directory or checkpoint")
     p.add_argument("--prior-bottom", type=Path, help="bottom prior run directory or checkpoint")
     p.add_argument("--out", type=Path, help="output directory (default: the VQ-VAE run directory)")

@@ -7,7 +7,7 @@ used and marked ``over_budget``, so a comparison is never flattered by a silentl
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -24,6 +24,7 @@ class Coded:
     bytes: int
     psnr: float
     over_budget: bool
+    decoded: np.ndarray = field(repr=False)
 
 
 def encode(image: np.ndarray, fmt: str, quality: int) -> bytes:
@@ -50,4 +51,4 @@ def at_budget(image: np.ndarray, fmt: str, budget: int) -> Coded:
     q, data = best
     with Image.open(io.BytesIO(data)) as im:
         decoded = np.asarray(im.convert("RGB"))
-    return Coded(fmt, q, len(data), float(psnr(image, decoded)), over)
+    return Coded(fmt, q, len(data), float(psnr(image, decoded)), over, decoded)

@@ -55,8 +55,12 @@ def level_report(vqvae, recon: dict[str, float], codes: dict[str, torch.Tensor],
 
 
 @torch.no_grad()
-def native_report(vqvae, priors: dict, files: list[Path], multiple: int) -> dict[str, Any]:
-    """Whole held-out files at native size: PSNR, code length under the priors, JPEG/WebP at those bytes."""
+def native_report(vqvae, priors: dict, files: list[Path], multiple: int,
+                  figure: Path | None = None) -> dict[str, Any]:
+    """Whole held-out files at native size: PSNR, code length under the priors, JPEG/WebP at those bytes.
+
+    ``figure``: where to draw the first file next to its reconstruction and the two codecs' files.
+    """
     rows, counts = [], {n: 0 for n in vqvae.config.level_names}
     for path in files:
         try:
@@ -75,10 +79,15 @@ def native_report(vqvae, priors: dict, files: list[Path], multiple: int) -> dict
             bits = sum(float(prior_bits(priors[n], *split_codes(codes, n)).sum()) for n in codes)
             budget = math.ceil(bits / 8)
             row.update(bits=bits, bytes=budget, bits_per_pixel=bits / (image.shape[0] * image.shape[1]))
-            for fmt in CODECS:
-                coded = at_budget(image, fmt, budget)
-                row[fmt.lower()] = {"psnr": coded.psnr, "bytes": coded.bytes, "quality": coded.quality,
-                                    "over_budget": coded.over_budget}
+            coded = {fmt: at_budget(image, fmt, budget) for fmt in CODECS}
+            for fmt, c in coded.items():
+                row[fmt.lower()] = {"psnr": c.psnr, "bytes": c.bytes, "quality": c.quality,
+                                    "over_budget": c.over_budget}
+            if figure is not None and not rows:
+                plots.save_panels([(f"held out: {path.name}", image),
+                                   (f"tokens: {row['psnr']:.2f} dB, {budget} B", recon[0]),
+                                   *((f"{c.format} q{c.quality}: {c.psnr:.2f} dB, {c.bytes} B", c.decoded)
+                                     for c in coded.values())], figure)
         rows.append(row)
     report: dict[str, Any] = {"images": len(rows), "psnr": float(np.mean([r["psnr"] for r in rows])),
                               "codes_used_pct": {n: usage_terms(c)["codes_used_pct"] for n, c in counts.items()}}
@@ -94,20 +103,21 @@ def native_report(vqvae, priors: dict, files: list[Path], multiple: int) -> dict
     return report
 
 
-def evaluate(vqvae_path: Path, prior_paths: dict[str, Path | None], max_images: int | None,
-             native: bool = True) -> dict[str, Any]:
-    vqvae = load_vqvae(vqvae_path)
-    cfg = load_checkpoint(vqvae_path)["config"]
-    files = heldout_files(cfg["data"], cfg["val_fraction"])[:max_images]
-    images = thumbnails(files, cfg["image_size"], set())
-    priors = {n: load_prior(p) for n, p in prior_paths.items() if p is not None}
+def evaluate_models(vqvae, priors: dict, data: str, val_fraction: float, image_size: int,
+                    max_images: int | None = None, native: bool = True,
+                    figures: Path | None = None) -> dict[str, Any]:
+    """The report for a VQ-VAE and its priors (by level) on the held-out files of ``data``; with
+    ``figures`` (a directory), also reconstructions.png and native_comparison.png there."""
+    files = heldout_files(data, val_fraction)[:max_images]
+    images = thumbnails(files, image_size, set())
     recon, codes = vqvae_metrics(vqvae, images)
+    if figures is not None:
+        chunk, _, decoded = next(encode_batches(vqvae, images[:16]))
+        plots.save_reconstructions(chunk, decoded, figures / "reconstructions.png")
     report: dict[str, Any] = {
-        "heldout_images": len(images), "image_size": cfg["image_size"], "data": cfg["data"],
+        "heldout_images": len(images), "image_size": image_size, "data": data, "val_fraction": val_fraction,
         "reconstruction": {k: recon[k] for k in ("psnr", "mse", "ssim")},
         "levels": level_report(vqvae, recon, codes, priors),
-        "training": {"vqvae": training_summary(vqvae_path),
-                     **{f"prior_{n}": training_summary(p) for n, p in prior_paths.items() if p is not None}},
     }
     positions = {n: lv["positions_per_image"] for n, lv in report["levels"].items()}
     report["code_length_bits_per_image"] = {
@@ -116,7 +126,35 @@ def evaluate(vqvae_path: Path, prior_paths: dict[str, Path | None], max_images: 
         report["code_length_bits_per_image"]["learned_prior"] = sum(
             positions[n] * lv["prior_bits_per_code"] for n, lv in report["levels"].items())
     if native:
-        report["native"] = native_report(vqvae, priors, files, max(vqvae.config.strides[n] for n in positions))
+        multiple = max(vqvae.config.strides[n] for n in positions)
+        figure = figures / "native_comparison.png" if figures is not None else None
+        report["native"] = native_report(vqvae, priors, files, multiple, figure)
+    return report
+
+
+def evaluate(vqvae_path: Path, prior_paths: dict[str, Path | None], max_images: int | None,
+             native: bool = True, data: str | None = None, val_fraction: float | None = None,
+             figures: Path | None = None) -> dict[str, Any]:
+    """The report for trained checkpoints, on their own held-out files unless ``data`` says otherwise."""
+    cfg = load_checkpoint(vqvae_path)["config"]
+    priors = {n: load_prior(p) for n, p in prior_paths.items() if p is not None}
+    report = evaluate_models(load_vqvae(vqvae_path), priors, data or cfg["data"],
+                             cfg["val_fraction"] if val_fraction is None else val_fraction,
+                             cfg["image_size"], max_images, native, figures)
+    report["training"] = {"vqvae": training_summary(vqvae_path),
+                          **{f"prior_{n}": training_summary(p) for n, p in prior_paths.items() if p is not None}}
+    return report
+
+
+def evaluate_bundle(directory: Path, data: str, val_fraction: float, max_images: int | None,
+                    native: bool = True, figures: Path | None = None) -> dict[str, Any]:
+    """The report for a shipped bundle (its weights rebuilt in PyTorch, see ``training.from_bundle``)."""
+    from training.from_bundle import from_bundle
+
+    vqvae, priors, bundle = from_bundle(directory)
+    report = evaluate_models(vqvae, priors, data, val_fraction, bundle.image_size, max_images, native, figures)
+    report["bundle"] = {"path": str(directory), "name": bundle.manifest["name"],
+                        "training": bundle.manifest.get("training", {})}
     return report
 
 
@@ -153,13 +191,22 @@ def to_markdown(report: dict[str, Any]) -> str:
 
 
 def main(args) -> int:
-    priors = {"top": args.prior_top, "bottom": args.prior_bottom}
-    report = evaluate(args.vqvae, priors, args.max_images, native=not args.no_native)
+    native = not args.no_native
+    if args.bundle:
+        if not args.data or not args.out:
+            raise SystemExit("--bundle needs --data (whose held-out files to use) and --out")
+    elif not args.vqvae:
+        raise SystemExit("evaluate needs --vqvae (a run) or --bundle (a bundle directory)")
     out = Path(args.out or (args.vqvae if Path(args.vqvae).is_dir() else Path(args.vqvae).parent))
     out.mkdir(parents=True, exist_ok=True)
+    if args.bundle:
+        report = evaluate_bundle(args.bundle, args.data, args.val_fraction or 0.1, args.max_images, native, out)
+    else:
+        priors = {"top": args.prior_top, "bottom": args.prior_bottom}
+        report = evaluate(args.vqvae, priors, args.max_images, native, args.data, args.val_fraction, out)
     (out / "eval.json").write_text(json.dumps(report, indent=2))
     (out / "eval.md").write_text(to_markdown(report))
-    if args.prior_top and args.prior_bottom:
+    if args.vqvae and args.prior_top and args.prior_bottom:
         save_samples(args.vqvae, args.prior_top, args.prior_bottom, out / "samples.png")
     print(to_markdown(report))
     print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")

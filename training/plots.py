@@ -54,3 +54,17 @@ def save_usage(counts: dict[str, np.ndarray], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def save_panels(panels: list[tuple[str, np.ndarray]], path: Path, crop: int = 192) -> None:
+    """Titled uint8 images side by side, each cut to the same centre square (pixels shown 1:1 in size)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6))
+    for ax, (title, img) in zip(np.atleast_1d(axes), panels):
+        h, w = img.shape[:2]
+        y, x = max(0, (h - crop) // 2), max(0, (w - crop) // 2)
+        ax.imshow(img[y:y + crop, x:x + crop], interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
