@@ -68,7 +68,8 @@ def test_psnr_per_image_and_identical():
 
 
 def test_one_suffix_set():
-    from service.jobs import tokenize
+    """Jobs and training find images by the contract's one suffix set."""
+    from service.jobs import files
 
-    assert tokenize.IMAGE_SUFFIXES is IMAGE_SUFFIXES
+    assert files.IMAGE_SUFFIXES is IMAGE_SUFFIXES
     assert {".jpg", ".png", ".webp"} <= IMAGE_SUFFIXES
