@@ -48,7 +48,7 @@ from service.jobs.files import (
 from service.jobs.progress import progress_bar
 from service.jobs.records import BundleId, Encoded
 from service.jobs.retry import Backoff
-from service.jobs.shards import JobAborted, JobOutput, JobReport, finished_paths
+from service.jobs.shards import BundleMismatch, JobAborted, JobOutput, JobReport, OutputLocked, finished_paths
 
 __all__ = ["JobAborted", "JobConfig", "JobReport", "finished_paths", "main", "run_job"]
 
@@ -196,20 +196,31 @@ def main(args) -> int:
     if not root.is_dir():
         raise SystemExit(f"vqtok tokenize: {root} is not a directory")
     try:
-        if args.local:
-            from service.jobs.local import LocalConfig, run_local
-
-            report = run_local(LocalConfig.from_args(args), progress=True)
-        elif args.ray is not None:
-            from service.jobs.ray_job import RayConfig, run_ray
-
-            report = run_ray(RayConfig.from_args(args), progress=True)
-        else:
-            report = asyncio.run(_run_http(args))
+        report = _run_in_process(args) if args.local or args.ray is not None else asyncio.run(_run_http(args))
+    except (BundleMismatch, OutputLocked) as e:  # nothing to resume: say why and stop
+        print(f"vqtok tokenize: {e}", flush=True)
+        return 1
     except (JobAborted, VqtokError) as e:
         print(f"vqtok tokenize: stopped: {e}\n  rerun the same command to resume", flush=True)
         return 1
     return _finish(report, args.out)
+
+
+def _run_in_process(args) -> JobReport:
+    """--local or --ray. Imported here: the HTTP job needs neither ONNX Runtime nor Ray."""
+    from service.bundle import BundleError
+    from service.runtime.session import DeviceUnavailable
+
+    try:
+        if args.local:
+            from service.jobs.local import LocalConfig, run_local
+
+            return run_local(LocalConfig.from_args(args), progress=True)
+        from service.jobs.ray_job import RayConfig, run_ray
+
+        return run_ray(RayConfig.from_args(args), progress=True)
+    except (BundleError, DeviceUnavailable) as e:
+        raise SystemExit(f"vqtok tokenize: {e}") from None
 
 
 async def _run_http(args) -> JobReport:
