@@ -34,3 +34,24 @@ def test_bundle_weights_rebuild_the_models_exactly(tiny_bundle):
         assert torch.equal(prior_top(codes["top"]), priors["top"](codes["top"]))
         assert torch.equal(prior_bottom(codes["bottom"], codes["top"]), priors["bottom"](codes["bottom"], codes["top"]))
     assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in vqvae.parameters())
+
+
+def test_warm_start_loads_a_bundle_and_restarts_the_ema_statistics(tiny_bundle):
+    from models import VQVAE2, GatedPixelCNN
+    from training.from_bundle import EMA_START_COUNT, warm_start
+
+    vqvae, prior_top, _ = tiny_models()
+    fresh = VQVAE2(vqvae.config)
+    warm_start(fresh, tiny_bundle)
+    for name, param in vqvae.named_parameters():
+        assert torch.equal(param, dict(fresh.named_parameters())[name]), name
+    q = fresh.quant_bottom
+    assert torch.equal(q.embedding, vqvae.quant_bottom.embedding) and bool(q.initialized)
+    assert torch.all(q.cluster_size == EMA_START_COUNT) and torch.allclose(q.embed_sum, q.embedding * EMA_START_COUNT)
+    prior = GatedPixelCNN(prior_top.config)
+    warm_start(prior, tiny_bundle, "top")
+    assert all(torch.equal(a, b) for a, b in zip(prior.state_dict().values(), prior_top.state_dict().values()))
+    from models import PixelCNNConfig
+
+    with pytest.raises(SystemExit, match="differs"):
+        warm_start(GatedPixelCNN(PixelCNNConfig(num_codes=32, channels=4)), tiny_bundle, "top")

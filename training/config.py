@@ -21,6 +21,7 @@ class VQVAETrainConfig:
     cache_side: int = 256  # the pack keeps each image's shorter side at most this (and at least image_size)
     device: str = "auto"  # "auto" (CUDA when torch sees it), "cpu" or "cuda"
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    init: str = ""  # a bundle directory whose weights the run starts from (fine-tuning); "" = random
     image_size: int = 64
     batch_size: int = 64
     steps: int = 5000
@@ -61,6 +62,7 @@ class PriorTrainConfig:
     cache_side: int = 256
     device: str = "auto"
     threads: int = 0
+    init: str = ""  # a bundle directory whose prior of this level the run starts from
     image_size: int = 64
     batch_size: int = 64
     steps: int = 3000

@@ -18,6 +18,7 @@ from models import VQVAE2, GatedPixelCNN, PixelCNNConfig, QuantizerConfig, VQVAE
 from service.bundle import DECODER, ENCODER, Bundle, prior_graph
 
 EVAL_ONLY_BUFFERS = ("cluster_size", "embed_sum")
+EMA_START_COUNT = 8.0  # about a 32-image batch's positions per code at K=512 (see warm_start)
 
 
 def initializers(path: Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -60,3 +61,21 @@ def from_bundle(directory: str | Path) -> tuple[VQVAE2, dict[str, GatedPixelCNN]
     bundle = Bundle.load(directory)
     priors = {n: prior_from_bundle(bundle, n) for n in bundle.levels if bundle.has(prior_graph(n))}
     return vqvae_from_bundle(bundle), priors, bundle
+
+
+def warm_start(model: VQVAE2 | GatedPixelCNN, directory: str | Path, level: str | None = None) -> None:
+    """Load a bundle's weights into a model about to be trained (``--init``); the architectures must match.
+
+    The EMA codebooks restart their statistics as if every code had been picked equally often in one
+    batch-sized sample (cluster size = ``EMA_START_COUNT``, sums = code x count), so the first
+    updates move the codebook by the EMA rate instead of replacing it with one batch's means.
+    """
+    bundle = Bundle.load(directory)
+    source = vqvae_from_bundle(bundle) if level is None else prior_from_bundle(bundle, level)
+    if source.config != model.config:
+        raise SystemExit(f"--init {directory}: its model {source.config} differs from this run's {model.config}")
+    model.load_state_dict(source.state_dict())
+    for module in model.modules():
+        if hasattr(module, "cluster_size") and hasattr(module, "embed_sum"):
+            module.cluster_size.fill_(EMA_START_COUNT)
+            module.embed_sum.copy_(module.embedding * EMA_START_COUNT)

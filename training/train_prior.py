@@ -90,7 +90,12 @@ def main(args) -> int:
         num_codes, cond_codes = vqvae.config.bottom.num_codes, (vqvae.config.top.num_codes
                                                                 if vqvae.config.levels == 2 else 0)
     torch.manual_seed(cfg.seed)
-    model = GatedPixelCNN(cfg.model_config(num_codes, cond_codes)).to(placement.device)
+    model = GatedPixelCNN(cfg.model_config(num_codes, cond_codes))
+    if cfg.init and ckpt is None:
+        from training.from_bundle import warm_start
+
+        warm_start(model, cfg.init, cfg.level)
+    model = model.to(placement.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps))
     run = Run("prior", args.run, cfg, model, optimizer, scheduler, np.random.default_rng(cfg.seed),

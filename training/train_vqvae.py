@@ -39,7 +39,12 @@ def build_run(args) -> tuple[Run, PackedSource, Placement]:
     cfg, ckpt = resolve_config(VQVAETrainConfig, args)
     placement = place(cfg.device, cfg.threads)
     torch.manual_seed(cfg.seed)
-    model = VQVAE2(cfg.model_config()).to(placement.device)
+    model = VQVAE2(cfg.model_config())
+    if cfg.init and ckpt is None:
+        from training.from_bundle import warm_start
+
+        warm_start(model, cfg.init)
+    model = model.to(placement.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps))
     # One process keeps the plain seed (and bit-exact resume); ranks draw different crops.
