@@ -94,7 +94,10 @@ class Codes(dict):
     """One image's code grids, keyed by level name in the bundle's order (int64 numpy arrays).
 
     Levels read as attributes too: ``codes.top``, ``codes.bottom`` for the default bundle.
+    ``bits``: the code length (uniform and under the priors) when ``encode(..., bits=True)`` asked.
     """
+
+    bits: dict[str, Any] | None = None
 
     def __getattr__(self, name: str) -> np.ndarray:
         try:
@@ -113,6 +116,8 @@ class Codes(dict):
 class Reconstruction:
     image: Image.Image
     psnr: float | None  # dB against the fitted input; None if identical
+    bits: dict[str, Any] | None = None  # code length, uniform and under the priors (asked with bits=True)
+    input: Image.Image | None = None  # the fitted input the model saw (asked with include_input=True)
 
 
 @dataclass
@@ -122,9 +127,15 @@ class Samples:
     codes: list[Codes] | None = None
 
 
+_NOT_GRIDS = ("height", "width", "bits")
+
+
 def _codes_from_wire(item: dict[str, Any]) -> Codes:
-    """The level grids of an encode item or a sample's codes (every key but the image's size)."""
-    return Codes({k: parse_grid(v) for k, v in item.items() if k not in ("height", "width")})
+    """The level grids of an encode item or a sample's codes (every key but the image's size and
+    bits); ``.bits`` holds the code length when it was asked for."""
+    codes = Codes({k: parse_grid(v) for k, v in item.items() if k not in _NOT_GRIDS})
+    codes.bits = item.get("bits")
+    return codes
 
 
 def _image_bytes(image: ImageInput) -> bytes:
@@ -148,6 +159,11 @@ def _png(data: str | bytes) -> Image.Image:
     return im
 
 
+def _flags(**flags: bool) -> dict[str, str]:
+    """Boolean query parameters that are on ("true"); off ones are left out."""
+    return {name: "true" for name, on in flags.items() if on}
+
+
 def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
     if isinstance(images, (list, tuple)):
         return list(images)
@@ -166,8 +182,8 @@ class _Api:
                  for i, im in enumerate(_as_list(images))]
         return {"method": "POST", "url": path, "files": files, "params": {"fit": fit, **(params or {})}}
 
-    def encode_request(self, images, fit: str) -> dict[str, Any]:
-        return self._image_request("/v1/encode", images, fit, {"format": "b64"})
+    def encode_request(self, images, fit: str, bits: bool = False) -> dict[str, Any]:
+        return self._image_request("/v1/encode", images, fit, {"format": "b64", **_flags(bits=bits)})
 
     @staticmethod
     def encode_result(resp: httpx.Response) -> list[Codes]:
@@ -182,12 +198,13 @@ class _Api:
     def decode_result(resp: httpx.Response) -> list[Image.Image]:
         return [_png(s) for s in resp.json()["images"]]
 
-    def reconstruct_request(self, images, fit: str) -> dict[str, Any]:
-        return self._image_request("/v1/reconstruct", images, fit)
+    def reconstruct_request(self, images, fit: str, bits: bool = False, include_input: bool = False) -> dict[str, Any]:
+        return self._image_request("/v1/reconstruct", images, fit, _flags(bits=bits, include_input=include_input))
 
     @staticmethod
     def reconstruct_result(resp: httpx.Response) -> list[Reconstruction]:
-        return [Reconstruction(_png(it["image"]), it["psnr"]) for it in resp.json()["items"]]
+        return [Reconstruction(_png(it["image"]), it["psnr"], it.get("bits"),
+                               _png(it["input"]) if it.get("input") else None) for it in resp.json()["items"]]
 
     @staticmethod
     def sample_request(n: int, temperature: float, top_k: int | None, seed: int | None,
@@ -233,14 +250,16 @@ class Client(_Api):
         _raise_for(resp)
         return resp
 
-    def encode(self, images: ImageInput | Sequence[ImageInput], fit: str = "center_crop") -> list[Codes]:
-        return self.encode_result(self._send(self.encode_request(images, fit)))
+    def encode(self, images: ImageInput | Sequence[ImageInput], fit: str = "center_crop",
+               bits: bool = False) -> list[Codes]:
+        return self.encode_result(self._send(self.encode_request(images, fit, bits)))
 
     def decode(self, codes: Codes | Sequence[Codes]) -> list[Image.Image]:
         return self.decode_result(self._send(self.decode_request(codes)))
 
-    def reconstruct(self, images: ImageInput | Sequence[ImageInput], fit: str = "center_crop") -> list[Reconstruction]:
-        return self.reconstruct_result(self._send(self.reconstruct_request(images, fit)))
+    def reconstruct(self, images: ImageInput | Sequence[ImageInput], fit: str = "center_crop", bits: bool = False,
+                    include_input: bool = False) -> list[Reconstruction]:
+        return self.reconstruct_result(self._send(self.reconstruct_request(images, fit, bits, include_input)))
 
     def sample(self, n: int = 1, temperature: float = 1.0, top_k: int | None = None, seed: int | None = None,
                return_codes: bool = False) -> Samples:
@@ -285,15 +304,16 @@ class AsyncClient(_Api):
         _raise_for(resp)
         return resp
 
-    async def encode(self, images: ImageInput | Sequence[ImageInput], fit: str = "center_crop") -> list[Codes]:
-        return self.encode_result(await self._send(self.encode_request(images, fit)))
+    async def encode(self, images: ImageInput | Sequence[ImageInput], fit: str = "center_crop",
+                     bits: bool = False) -> list[Codes]:
+        return self.encode_result(await self._send(self.encode_request(images, fit, bits)))
 
     async def decode(self, codes: Codes | Sequence[Codes]) -> list[Image.Image]:
         return self.decode_result(await self._send(self.decode_request(codes)))
 
-    async def reconstruct(self, images: ImageInput | Sequence[ImageInput],
-                          fit: str = "center_crop") -> list[Reconstruction]:
-        return self.reconstruct_result(await self._send(self.reconstruct_request(images, fit)))
+    async def reconstruct(self, images: ImageInput | Sequence[ImageInput], fit: str = "center_crop",
+                          bits: bool = False, include_input: bool = False) -> list[Reconstruction]:
+        return self.reconstruct_result(await self._send(self.reconstruct_request(images, fit, bits, include_input)))
 
     async def sample(self, n: int = 1, temperature: float = 1.0, top_k: int | None = None, seed: int | None = None,
                      return_codes: bool = False) -> Samples:
