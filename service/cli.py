@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, default=None, help=f"bundle for --local/--ray (default {DEFAULT_BUNDLE})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="for --local/--ray")
     p.add_argument("--batch", type=int, default=None,
-                   help="images per request (service: 16) or per encoder run (--local: 64 CPU, 512 CUDA)")
+                   help="images per request (service: 16) or per encoder run (--local: 16 CPU, 512 CUDA)")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight (service)")
     p.add_argument("--workers", type=int, default=None, help="decode processes (--local; default one per core) "
                                                              "or encoder actors (--ray; default one per GPU, else 1)")

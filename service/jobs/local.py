@@ -2,14 +2,15 @@
 
 A pool of processes reads and decodes the files (``service.jobs.files.load_files``: the service's
 own preprocessing, JPEG draft mode included), in chunks, ahead of the encoder; the main process
-gathers the pixels into large batches and runs the encoder on ``streams`` batches at once, then
+gathers the pixels into batches and runs the encoder on ``streams`` batches at once, then
 hands the codes to the same ``JobOutput`` the HTTP job writes to (shards, errors.jsonl, resume,
 lock, bundle check). Decoding and encoding overlap: while a batch is in ONNX Runtime (which
 releases the GIL) the pool decodes the next ones.
 
 Defaults follow the hardware. On CPU: one decode process per core, and one single-threaded encoder
 stream per core (ONNX Runtime's intra-op threads synchronise after every operator, so independent
-single-threaded batches use shared cores better, as the serving benchmark found); batches of 64.
+single-threaded batches use shared cores better, as the serving benchmark found); batches of 16,
+where the model alone is fastest on this CPU (``bench/tokenize.py`` times batches of 8 to 256).
 On CUDA: one stream, batches of 512, so the GPU gets large batches while every core decodes.
 """
 from __future__ import annotations
@@ -29,7 +30,7 @@ from service.jobs.records import BundleId, Encoded
 from service.jobs.shards import JobOutput, JobReport
 from service.runtime.session import RuntimeConfig, device_name, open_session, wants_cuda
 
-CPU_BATCH, CUDA_BATCH = 64, 512
+CPU_BATCH, CUDA_BATCH = 16, 512
 
 
 @dataclass(frozen=True)
