@@ -3,6 +3,7 @@ HTTP job's codes, sizes and refusals for the same folder, resume the same way, a
 shards that read back as the README shows."""
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -115,3 +116,16 @@ def test_the_readme_parquet_snippet_reads_what_the_npz_shards_hold(local_out, ti
         assert all(np.array_equal(grids[i], npz[p][level]) for i, p in enumerate(paths))
     assert list(namespace["sizes"][:, 0]) == [int(npz[p]["height"]) for p in paths]
     assert set(namespace["bundles"]) == {(Bundle.load(tiny_bundle).name, Bundle.load(tiny_bundle).sha256)}
+
+
+def test_the_command_line_runs_the_local_job(tiny_bundle, images, tmp_path, capsys):
+    from service.cli import main
+
+    out = tmp_path / "cli"
+    argv = ["tokenize", str(images[0]), "--out", str(out), "--local", "--model", str(tiny_bundle), "--device", "cpu",
+            "--workers", "1", "--batch", "4", "--parquet"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (summary["encoded"], summary["refused"], summary["deferred"]) == (7, 2, 0)
+    assert (out / "shard-000000.npz").exists() and (out / "shard-000000.parquet").exists()
+    assert main(argv) == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["already_done"] == 9

@@ -254,3 +254,19 @@ def test_shard_numbers_sort_numerically_past_99999(root, tmp_path, tiny_bundle):
     report = local(root, out, tiny_bundle)
     assert (report.skipped, report.encoded, report.shards) == (2, 4, 1)
     assert [p.name for p in shard_files(out)] == ["shard-99999.npz", "shard-100000.npz", "shard-100001.npz"]
+
+
+def test_resume_restores_the_parquet_twins(root, tmp_path, tiny_bundle):
+    """A crash between a shard's Parquet and npz renames leaves an orphan Parquet file; an npz without
+    its twin (a crash the other way round, or an earlier run without --parquet) gets one."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    out = tmp_path / "out"
+    local(root, out, tiny_bundle, shard_size=4, parquet=True)
+    first, second = shard_files(out)
+    kept = pq.read_table(first.with_suffix(".parquet"))
+    first.with_suffix(".parquet").unlink()
+    shutil.copy(second.with_suffix(".parquet"), out / "shard-000007.parquet")  # no shard-000007.npz
+    report = local(root, out, tiny_bundle, shard_size=4, parquet=True)
+    assert (report.encoded, report.skipped) == (0, 8)
+    assert pq.read_table(first.with_suffix(".parquet")).equals(kept)
+    assert not (out / "shard-000007.parquet").exists()
