@@ -44,10 +44,10 @@ fi
 echo "load generator: ${load[*]}"
 
 echo "== offline CUDA checks"
-timeout 240 python3 bench/gpu_checks.py --device "$device" --out "$out/gpu_checks.json" || echo "gpu_checks failed or timed out: $?"
+timeout 240 python3 -m bench.gpu_checks --device "$device" --out "$out/gpu_checks.json" || echo "gpu_checks failed or timed out: $?"
 
 echo "== serving: one process vs the workers layout (the engine on CUDA, $(( $(nproc) - 2 )) front ends)"
-timeout 300 python3 bench/serve_load.py --layouts --device "$device" --workers $(( $(nproc) - 2 )) "${load[@]}" \
+timeout 300 python3 -m bench.serve_load --layouts --device "$device" --workers $(( $(nproc) - 2 )) "${load[@]}" \
   --images 1,16 --concurrency 1,16,64,256 --duration 3 --warmup 1 --out "$out/serve_layouts_gpu.json" \
   || echo "serve_load failed or timed out: $?"
 echo "== done $(date -u +%FT%TZ)"

@@ -135,8 +135,9 @@ def start_server(model: Path, env: dict[str, str], plain: bool = False) -> tuple
 
     port = free_port()
     full_env = {**os.environ, "VQTOK_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT), **env}
-    cmd = ([sys.executable, str(ROOT / "bench" / "plain_app.py")] if plain
-           else [sys.executable, "-m", "service.cli", "serve"])
+    # -m from the root, not the file: a bench/ script sees bench/ first on sys.path (bench/tokenize.py
+    # would shadow the standard library's tokenize).
+    cmd = [sys.executable, "-m", "bench.plain_app"] if plain else [sys.executable, "-m", "service.cli", "serve"]
     proc = subprocess.Popen([*cmd, "--model", str(model), "--host", "127.0.0.1", "--port", str(port)],
                             cwd=ROOT, env=full_env, start_new_session=True)
     deadline = time.monotonic() + 120
@@ -379,6 +380,9 @@ def encode_request_body(body: bytes, port: int) -> bytes:
 
 
 def compare_layouts(args: argparse.Namespace, bundle: Bundle, blobs: list[bytes]) -> dict:
+    """Every layout's server runs for the whole run, and each point measures them back to back, in
+    alternating order over ``--rounds``: on a shared machine whose speed drifts, the layouts of a
+    point then see the same conditions (an idle server costs next to nothing)."""
     import tempfile
 
     import httpx
@@ -388,74 +392,85 @@ def compare_layouts(args: argparse.Namespace, bundle: Bundle, blobs: list[bytes]
               "VQTOK_QUEUE_LIMIT": str(max(512, 16 * 4 * max(args.concurrency)))}
     if args.tf32:
         common["VQTOK_TF32"] = "true"
-    servers: dict[str, tuple[dict[str, str], bool]] = {
+    layouts: dict[str, tuple[dict[str, str], bool]] = {
         "one_process": ({**common, "VQTOK_WORKERS": "1"}, False),
         "workers": ({**common, "VQTOK_WORKERS": str(args.workers)}, False)}
     if args.device == "cpu":  # the baseline is the plain CPU app of the issue
-        servers = {"plain_fastapi": ({}, True), **servers}
+        layouts = {"plain_fastapi": ({}, True), **layouts}
     result: dict = {"model": bundle.name, "image_size": bundle.image_size, "cpu_count": cores,
                     "machine": platform.processor() or platform.machine(), "device": args.device,
-                    "load_generator": args.load, "duration_s": args.duration, "workers": args.workers, "layouts": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, (env, plain) in servers.items():
-            print(f"{name}:", flush=True)
+                    "load_generator": args.load, "duration_s": args.duration, "workers": args.workers,
+                    "rounds": args.rounds, "layouts": {name: [] for name in layouts}}
+    servers: dict[str, tuple[subprocess.Popen, int, dict]] = {}
+    try:
+        for name, (env, plain) in layouts.items():
             proc, port = start_server(args.model, env, plain=plain)
-            info = {} if plain else httpx.get(f"http://127.0.0.1:{port}/v1/model").json()
-            rows = []
+            servers[name] = (proc, port, {} if plain else httpx.get(f"http://127.0.0.1:{port}/v1/model").json())
+        with tempfile.TemporaryDirectory() as tmp:
+            for n_images in args.images:
+                body = multipart_body([blobs[i % len(blobs)] for i in range(n_images)])
+                for c in args.concurrency:
+                    for rnd in range(args.rounds):
+                        for name in (list(servers) if rnd % 2 == 0 else list(servers)[::-1]):
+                            row = layout_point(args, servers[name], body, c, Path(tmp))
+                            row.update(images_per_request=n_images, images_per_s=row["throughput_rps"] * n_images,
+                                       round=rnd)
+                            result["layouts"][name].append(row)
+                            print(f"  {name:13s} {n_images:2d} img/req c={c:3d} round {rnd}  {row['throughput_rps']:8.1f} "
+                                  f"req/s ({row['images_per_s']:.0f} img/s)  p50 {row['p50_ms']:.2f} ms  p99 "
+                                  f"{row['p99_ms']:.2f} ms  errors {row['errors']}  batch {row.get('mean_batch', 0):.1f}"
+                                  f"  server cpu {row['server_cpu_ms_per_request']:.2f} ms/req", flush=True)
+    finally:
+        for proc, _, _ in servers.values():
+            os.killpg(proc.pid, signal.SIGTERM)
+        for proc, _, _ in servers.values():
             try:
-                for n_images in args.images:
-                    body = multipart_body([blobs[i % len(blobs)] for i in range(n_images)])
-                    for c in args.concurrency:
-                        before = None if plain else batch_stats(port)
-                        cpu0 = tree_cpu_s(proc.pid)
-                        if args.load == "wrk":
-                            row = wrk_point(port, body, c, args.duration, args.warmup_s, Path(tmp))
-                        else:
-                            row = python_point(port, body, c, args.duration, args.warmup_s, args.load_procs)
-                        cpu = tree_cpu_s(proc.pid) - cpu0
-                        row["images_per_request"] = n_images
-                        row["images_per_s"] = row["throughput_rps"] * n_images
-                        # CPU over warm-up and measurement alike, per measured request: an upper bound.
-                        row["server_cpu_ms_per_request"] = 1000 * cpu / max(row["requests"], 1)
-                        if before is not None:
-                            time.sleep(0.2)
-                            after = batch_stats(port)
-                            row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
-                        row["provider"] = info.get("provider", "CPUExecutionProvider")
-                        row["gpu"] = info.get("gpu")
-                        rows.append(row)
-                        print(f"  {n_images:2d} img/req c={c:3d}  {row['throughput_rps']:8.1f} req/s "
-                              f"({row['images_per_s']:.0f} img/s)  p50 {row['p50_ms']:.2f} ms  p99 {row['p99_ms']:.2f} ms"
-                              f"  errors {row['errors']}  batch {row.get('mean_batch', 0):.1f}"
-                              f"  server cpu {row['server_cpu_ms_per_request']:.2f} ms/req", flush=True)
-            finally:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-            result["layouts"][name] = rows
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
     result["summary"] = layouts_summary(result["layouts"])
     return result
 
 
+def layout_point(args: argparse.Namespace, server: tuple[subprocess.Popen, int, dict], body: bytes,
+                 concurrency: int, tmp: Path) -> dict:
+    proc, port, info = server
+    before = batch_stats(port) if info else None
+    cpu0 = tree_cpu_s(proc.pid)
+    if args.load == "wrk":
+        row = wrk_point(port, body, concurrency, args.duration, args.warmup_s, tmp)
+    else:
+        row = python_point(port, body, concurrency, args.duration, args.warmup_s, args.load_procs)
+    # CPU over warm-up and measurement alike, per measured request: an upper bound.
+    row["server_cpu_ms_per_request"] = 1000 * (tree_cpu_s(proc.pid) - cpu0) / max(row["requests"], 1)
+    if before is not None:
+        after = batch_stats(port)
+        row["mean_batch"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+    row["provider"] = info.get("provider", "CPUExecutionProvider")
+    row["gpu"] = info.get("gpu")
+    return row
+
+
 def layouts_summary(layouts: dict[str, list[dict]]) -> dict:
-    """Ratios within the run: each layout against the plain app (or the one process on a GPU box)."""
+    """Per point, each layout's mean over the rounds, and its ratios to the plain app (or, on a GPU
+    box, to the one process), all within the run."""
     ref_name = "plain_fastapi" if "plain_fastapi" in layouts else "one_process"
-    out: dict = {"reference": ref_name}
-
-    def point(rows: list[dict], n: int, c: int) -> dict | None:
-        return next((r for r in rows if r["images_per_request"] == n and r["concurrency"] == c), None)
-
-    for name, rows in layouts.items():
-        if name == ref_name:
-            continue
-        for r in rows:
-            ref = point(layouts[ref_name], r["images_per_request"], r["concurrency"])
-            if ref and ref["throughput_rps"] and ref["p50_ms"]:
-                key = f"{name}/{r['images_per_request']}img/c{r['concurrency']}"
-                out[key] = {"throughput_ratio": r["throughput_rps"] / ref["throughput_rps"],
-                            "p50_ratio": r["p50_ms"] / ref["p50_ms"]}
+    points = sorted({(r["images_per_request"], r["concurrency"]) for rows in layouts.values() for r in rows})
+    out: dict = {"reference": ref_name, "points": {}}
+    for n, c in points:
+        means = {}
+        for name, rows in layouts.items():
+            mine = [r for r in rows if (r["images_per_request"], r["concurrency"]) == (n, c) and r["p50_ms"]]
+            if mine:
+                means[name] = {"throughput_rps": float(np.mean([r["throughput_rps"] for r in mine])),
+                               "p50_ms": float(np.mean([r["p50_ms"] for r in mine])),
+                               "p99_ms": float(np.mean([r["p99_ms"] for r in mine]))}
+        ref = means.get(ref_name)
+        for name, m in means.items():
+            if ref and name != ref_name:
+                m["throughput_ratio"] = m["throughput_rps"] / ref["throughput_rps"]
+                m["p50_ratio"] = m["p50_ms"] / ref["p50_ms"]
+        out["points"][f"{n}img/c{c}"] = means
     return out
 
 
@@ -478,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="front ends of the workers layout (--layouts)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(--layouts)")
     p.add_argument("--tf32", action="store_true", help="VQTOK_TF32 on CUDA (--layouts)")
+    p.add_argument("--rounds", type=int, default=2, help="measurements per layout and point (--layouts)")
     args = p.parse_args(argv)
     warmup = args.duration * 0.2 if args.warmup is None else args.warmup
     args.warmup_s = warmup
