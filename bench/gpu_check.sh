@@ -20,6 +20,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 if [ "${1:-}" = "--stage-wrk" ]; then
+  grep -qx "/.gpu/" .git/info/exclude 2>/dev/null || echo "/.gpu/" >> .git/info/exclude  # never committed
   mkdir -p .gpu/wrk
   cp "$(command -v wrk)" .gpu/wrk/wrk
   cp "$(ldd "$(command -v wrk)" | awk '/libluajit/ {print $3}')" .gpu/wrk/
@@ -37,7 +38,8 @@ python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_a
 
 # wrk from .gpu/wrk if it was carried (and runs here), else the Python load generator in 4 processes.
 load=(--load python --load-procs 4)
-if [ -x .gpu/wrk/wrk ] && LD_LIBRARY_PATH=.gpu/wrk .gpu/wrk/wrk --version >/dev/null 2>&1; then
+# (wrk --version exits 1 even when it runs; a missing library makes it print "error while loading".)
+if [ -x .gpu/wrk/wrk ] && ! LD_LIBRARY_PATH=.gpu/wrk .gpu/wrk/wrk --version 2>&1 | grep -q "error while loading"; then
   export PATH=$root/.gpu/wrk:$PATH LD_LIBRARY_PATH=$root/.gpu/wrk:${LD_LIBRARY_PATH:-}
   load=(--load wrk)
 fi

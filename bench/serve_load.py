@@ -134,7 +134,9 @@ def start_server(model: Path, env: dict[str, str], plain: bool = False) -> tuple
     import httpx
 
     port = free_port()
-    full_env = {**os.environ, "VQTOK_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT), **env}
+    # Keep any PYTHONPATH (the GPU machine's staged runtime lives on it), the checkout first.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    full_env = {**os.environ, "VQTOK_LOG_LEVEL": "warning", "PYTHONPATH": path, **env}
     # -m from the root, not the file: a bench/ script sees bench/ first on sys.path (bench/tokenize.py
     # would shadow the standard library's tokenize).
     cmd = [sys.executable, "-m", "bench.plain_app"] if plain else [sys.executable, "-m", "service.cli", "serve"]
