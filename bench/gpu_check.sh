@@ -46,11 +46,11 @@ fi
 echo "load generator: ${load[*]}"
 
 echo "== offline CUDA checks"
-timeout 240 python3 -m bench.gpu_checks --device "$device" --out "$out/gpu_checks.json" || echo "gpu_checks failed or timed out: $?"
+timeout 150 python3 -m bench.gpu_checks --device "$device" --out "$out/gpu_checks.json" || echo "gpu_checks failed or timed out: $?"
 
 echo "== serving: one process vs the workers layout (the engine on CUDA, $(( $(nproc) - 2 )) front ends)"
-timeout 300 python3 -m bench.serve_load --layouts --device "$device" --workers $(( $(nproc) - 2 )) "${load[@]}" \
-  --images 1,16 --concurrency 1,16,64,256 --duration 3 --warmup 1 --out "$out/serve_layouts_gpu.json" \
+timeout 240 python3 -m bench.serve_load --layouts --device "$device" --workers $(( $(nproc) - 2 )) "${load[@]}" \
+  --images 1,16 --concurrency 1,16,64,256 --duration 3 --warmup 1 --rounds 1 --out "$out/serve_layouts_gpu.json" \
   || echo "serve_load failed or timed out: $?"
 echo "== done $(date -u +%FT%TZ)"
 ls -l "$out"

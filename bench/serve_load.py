@@ -418,6 +418,7 @@ def compare_layouts(args: argparse.Namespace, bundle: Bundle, blobs: list[bytes]
                             row.update(images_per_request=n_images, images_per_s=row["throughput_rps"] * n_images,
                                        round=rnd)
                             result["layouts"][name].append(row)
+                            args.out.write_text(json.dumps(result, indent=2))  # what a time limit leaves behind
                             print(f"  {name:13s} {n_images:2d} img/req c={c:3d} round {rnd}  {row['throughput_rps']:8.1f} "
                                   f"req/s ({row['images_per_s']:.0f} img/s)  p50 {row['p50_ms']:.2f} ms  p99 "
                                   f"{row['p99_ms']:.2f} ms  errors {row['errors']}  batch {row.get('mean_batch', 0):.1f}"
@@ -504,12 +505,12 @@ def main(argv: list[str] | None = None) -> int:
     images = smooth_images(64, bundle.image_size)
     blobs = [png(im) for im in images]
     if args.layouts:
-        out = args.out or ROOT / "bench" / "results" / "serve_layouts.json"
+        args.out = args.out or ROOT / "bench" / "results" / "serve_layouts.json"
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         result = compare_layouts(args, bundle, blobs)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
+        args.out.write_text(json.dumps(result, indent=2))
         print(json.dumps(result["summary"], indent=2))
-        print(f"wrote {out}")
+        print(f"wrote {args.out}")
         return 0
     args.out = args.out or ROOT / "bench" / "results" / "serve_load.json"
     cores = os.cpu_count() or 1
