@@ -63,9 +63,9 @@ def reference(tiny_bundle):
 
 
 def test_two_workers_and_an_engine_answer_like_one_process(tiny_bundle, reference):
-    images = random_images(5, seed=21)
+    images = random_images(4, seed=21)
     before = _segments()
-    with serve_process(tiny_bundle, env={"VQTOK_WORKERS": "2"}) as (proc, url):
+    with serve_process(tiny_bundle, env={"VQTOK_WORKERS": "2", "VQTOK_QUEUE_LIMIT": "4"}) as (proc, url):
         # The parent, two front ends and the engine (plus multiprocessing's resource tracker).
         spawned = [c for c in _children(proc.pid)
                    if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")]
@@ -97,6 +97,10 @@ def test_two_workers_and_an_engine_answer_like_one_process(tiny_bundle, referenc
                 good = [pool.submit(c.post, "/v1/encode", files=image_files([png_bytes(images[k])])) for k in range(3)]
                 assert bad.result().status_code == 400 and bad.result().json()["error"]["code"]
                 assert [g.result().status_code for g in good] == [200] * 3, [g.result().text for g in good]
+            # An error the engine raises reaches the client with its status and code.
+            r = c.post("/v1/encode", files=image_files([png_bytes(images[k % 4]) for k in range(5)]))
+            assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_items", r.text
+            assert "queue holds at most 4" in r.json()["error"]["message"]
             # fit=none at a size of its own travels through shared memory too.
             wide = random_images(1, size=TINY_SIZE + 8, seed=4)
             r = c.post("/v1/encode", params={"fit": "none"}, files=image_files([png_bytes(wide[0])]))
