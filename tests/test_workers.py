@@ -6,6 +6,7 @@ import base64
 import io
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,6 +54,16 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _all_ready(url: str, timeout: float = 60.0) -> None:
+    """serve_process saw one front end ready; on a busy machine the other may still be starting (and
+    answer 503 until it has connected to the engine). Fresh connections land on either of them."""
+    deadline = time.monotonic() + timeout
+    streak = 0
+    while streak < 20:
+        assert time.monotonic() < deadline, "not every front end became ready"
+        streak = streak + 1 if httpx.get(f"{url}/readyz", timeout=5).status_code == 200 else 0
+
+
 def _segments() -> set[str]:
     return {p.name for p in Path("/dev/shm").glob("psm_*")}
 
@@ -66,6 +77,7 @@ def test_two_workers_and_an_engine_answer_like_one_process(tiny_bundle, referenc
     images = random_images(4, seed=21)
     before = _segments()
     with serve_process(tiny_bundle, env={"VQTOK_WORKERS": "2", "VQTOK_QUEUE_LIMIT": "4"}) as (proc, url):
+        _all_ready(url)
         # The parent, two front ends and the engine (plus multiprocessing's resource tracker).
         spawned = [c for c in _children(proc.pid)
                    if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")]
