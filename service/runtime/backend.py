@@ -84,7 +84,8 @@ class OrtBackend:
         # CPU streams run one thread each, which is what several batches at once want; a batch that
         # runs alone (low load) gets a second session of the encoder/decoder on every core instead,
         # with spinning threads: between operators a sleeping thread takes longer to wake than the
-        # operator takes (batch 1 of the default encoder: 2.9 ms spinning, 3.2 ms not, 3.9 ms on one thread).
+        # operator takes (default encoder, batch 1: 1.8 ms spinning, 2.5 ms not, 4.1 ms on one thread;
+        # bench/lone_batch.py).
         self._alone: dict[str, ort.InferenceSession] = {}
         if self.provider != CUDA and cfg.alone_threads > cfg.intra_op_threads:
             wide = replace(cfg, intra_op_threads=cfg.alone_threads, spinning=True)
