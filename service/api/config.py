@@ -91,6 +91,14 @@ class Settings(BaseSettings):
     # does n=1 in 52 ms and n=8 in 148 ms (bench/results/sampling_1thread.json). 0: always the GPU.
     cpu_sample_max: int = Field(8, ge=0)
 
+    # glibc malloc, set by `vqtok serve` at start-up (0: glibc's default). With its default per-thread
+    # arenas and a mmap threshold that grows after every large free, a long-running server keeps the
+    # high-water mark of its biggest requests (pixel bombs, large JSON): +44 % RSS over a 60 s soak
+    # (bench/results/soak_glibc_defaults.json). Two arenas and a fixed 1 MiB threshold hand large
+    # blocks back to the OS: +3 % in the same soak (bench/results/soak.json).
+    malloc_arena_max: int = Field(2, ge=0)
+    malloc_mmap_threshold: int = Field(1024 * 1024, ge=0)
+
     png_compress_level: int = Field(1, ge=0, le=9)  # fast: the PNGs are small and latency counts
     log_level: str = "info"
     access_log: bool = False  # per-request log lines cost throughput; /metrics counts requests

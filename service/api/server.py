@@ -6,6 +6,7 @@ missing or corrupt file ends the command with a one-line error naming it (exit s
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import sys
@@ -24,6 +25,24 @@ from service.runtime.session import CPU, CUDA, DeviceUnavailable, RuntimeConfig,
 log = logging.getLogger("vqtok.service")
 
 
+M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # mallopt(3) parameters
+
+
+def bound_malloc(settings: Settings) -> bool:
+    """Apply the malloc settings (glibc only; elsewhere a no-op). Done before any thread starts, so
+    every arena the server creates follows them. True if glibc took them."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    ok = True
+    if settings.malloc_arena_max:
+        ok &= mallopt(M_ARENA_MAX, settings.malloc_arena_max) == 1
+    if settings.malloc_mmap_threshold:
+        ok &= mallopt(M_MMAP_THRESHOLD, settings.malloc_mmap_threshold) == 1
+    return ok
+
+
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -37,6 +56,7 @@ def serve(model_dir: str | Path | None = None, host: str | None = None, port: in
         print(f"vqtok serve: invalid settings: {problems}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
+    bound_malloc(settings)
     try:
         bundle = Bundle.load(settings.model_dir)
         workers = settings.workers_for(CUDA if wants_cuda(RuntimeConfig(device=settings.device)) else CPU)
