@@ -189,3 +189,39 @@ def test_large_json_is_parsed_off_the_loop_and_bounded(tiny_bundle, backend):
             assert (await c.post("/v1/decode", json=small)).status_code == 200
 
     run(main())
+
+
+def test_decoding_stops_with_its_request():
+    """A request cancelled (deadline, disconnect) while its images decode: a job not started never
+    runs, a running one stops before its next image."""
+    import threading
+
+    from service.api.admission import WorkPool
+
+    started, release = threading.Event(), threading.Event()
+    decoded: list[int] = []
+
+    def decode_all(stop, n):
+        for i in range(n):
+            if stop.is_set():
+                return decoded
+            started.set()
+            release.wait(10)
+            decoded.append(i)
+        return decoded
+
+    async def main():
+        pool = WorkPool(1)
+        running = asyncio.ensure_future(pool.run(decode_all, 5))
+        waiting = asyncio.ensure_future(pool.run(decode_all, 5))
+        await asyncio.to_thread(started.wait, 10)
+        running.cancel()
+        waiting.cancel()
+        outcomes = await asyncio.gather(running, waiting, return_exceptions=True)
+        assert all(isinstance(o, asyncio.CancelledError) for o in outcomes)
+        release.set()  # the running job's current image ends now
+        pool.shutdown()
+        await asyncio.to_thread(lambda: pool._executor.shutdown(wait=True))
+
+    run(main())
+    assert decoded == [0]  # the running job finished its image and stopped; the waiting one never started
