@@ -146,8 +146,9 @@ class Settings(BaseSettings):
         """Front-end processes for an execution provider (1: the one-process layout).
 
         On CUDA one process's event loop is the bottleneck, so every core but two (the engine
-        process's loop and its ORT thread) runs a front end. On CPU the model needs the cores and
-        the one-process layout measured faster (bench/serve_load.py, README "Service").
+        process's loop and its ORT thread) runs a front end. On CPU the model needs the cores, and
+        one process measured faster with 1-image requests (bench/serve_load.py --layouts, README
+        "Process layouts and the plain-FastAPI baseline").
         """
         if self.workers:
             return self.workers
