@@ -137,8 +137,7 @@ def start_server(model: Path, env: dict[str, str], plain: bool = False) -> tuple
     # Keep any PYTHONPATH (the GPU machine's staged runtime lives on it), the checkout first.
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     full_env = {**os.environ, "VQTOK_LOG_LEVEL": "warning", "PYTHONPATH": path, **env}
-    # -m from the root, not the file: a bench/ script sees bench/ first on sys.path (bench/tokenize.py
-    # would shadow the standard library's tokenize).
+    # -m from the root, so the plain app imports bench.plain_app like any module of the checkout.
     cmd = [sys.executable, "-m", "bench.plain_app"] if plain else [sys.executable, "-m", "service.cli", "serve"]
     proc = subprocess.Popen([*cmd, "--model", str(model), "--host", "127.0.0.1", "--port", str(port)],
                             cwd=ROOT, env=full_env, start_new_session=True)

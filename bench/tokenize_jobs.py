@@ -1,6 +1,6 @@
 """Folder tokenization: the local job against decoding alone and the model alone, and the HTTP job.
 
-    python bench/tokenize.py --data /path/to/jpegs [--model artifacts/default] [--copies 3] [--repeats 2]
+    python bench/tokenize_jobs.py --data /path/to/jpegs [--model artifacts/default] [--copies 3] [--repeats 2]
 
 The folder's images (ImageNet-size JPEGs, say) are linked ``--copies`` times into a temporary
 folder, so a job runs long enough for its start-up (the decode pool, the ONNX Runtime session) to
@@ -22,17 +22,9 @@ keep every core busy with one or the other: an image costs 1/d core-seconds of d
 decode rate on all cores) plus 1/m of model (m: the model rate on all cores), so the attainable
 rate is 1 / (1/d + 1/m). The local job's rate is reported as a fraction of that.
 
-Writes bench/results/tokenize.json. Run it on a quiet machine (``/tmp/vqtok-quiet`` here).
+Writes bench/results/tokenize.json. Run it on a quiet machine.
 """
 from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-# This file is called tokenize.py, like the standard library module that linecache and traceback
-# import: its folder must come after the standard library on sys.path, not first.
-HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE] + [str(HERE)]
 
 import argparse
 import asyncio
@@ -43,13 +35,15 @@ import platform
 import shutil
 import signal
 import statistics
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 
-ROOT = HERE.parent
+ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from serve_load import start_server
