@@ -27,6 +27,7 @@ from service.api.errors import install_handlers
 from service.api.metrics import Metrics
 from service.api.middleware import BodyGuard, BytesInFlight, RequestMetrics
 from service.api.router import EXTRA_SCHEMAS, health, v1
+from service.api.schemas import decode_example
 from service.api.state import ServiceState
 from service.bundle import Bundle
 from service.runtime.backend import Backend, OrtBackend
@@ -90,6 +91,14 @@ async def _warm_up(state: ServiceState) -> None:
     log.info("warm-up done: ready")
 
 
+async def _watchdog(state: ServiceState) -> None:
+    """Checks the batchers every few seconds, so a stuck batch is logged even when nobody polls /readyz."""
+    period = min(5.0, state.settings.batch_watchdog_s / 4)
+    while True:
+        await asyncio.sleep(period)
+        state.problem()  # logs when the answer changes
+
+
 def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None,
                backend: Backend | None = None, engine_factory: EngineFactory | None = None) -> FastAPI:
     """The app for ``settings`` (default: from the environment).
@@ -120,10 +129,12 @@ def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None
                  bundle.name, bundle.root, state.backend.provider, state.engine.max_batch, state.engine.max_delay_ms,
                  state.engine.streams, settings.intra_op_threads)
         warm = asyncio.create_task(_warm_up(state))
+        watch = asyncio.create_task(_watchdog(state))
         try:
             yield
         finally:
             warm.cancel()
+            watch.cancel()
             await state.engine.stop()
             pool.shutdown()
 
@@ -153,6 +164,8 @@ def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None
             _, defs = models_json_schema([(m, "validation") for m in EXTRA_SCHEMAS],
                                          ref_template="#/components/schemas/{model}")
             schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+            schema["components"]["schemas"]["DecodeRequest"]["examples"] = [decode_example(bundle.levels,
+                                                                                          bundle.image_size)]
             document_security(schema, open_paths)
             app.openapi_schema = schema
         return app.openapi_schema

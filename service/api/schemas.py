@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
 
+from service.bundle import Level
 from service.bundle.wire import GridFormat, parse_grid
 
 _B64_GRID_SCHEMA = {
@@ -50,15 +51,18 @@ LEVELS_DOC = "one code grid per level of the bundle, keyed by level name (see GE
 DecodeItem = Annotated[dict[str, Grid], Field(description=LEVELS_DOC, min_length=1)]
 
 
-# A 64x64 image of the default bundle's level names (codes 0..3 exist in any codebook); also what
-# /docs offers to try, and an example the API fuzz test (Schemathesis) sends as it is.
-DECODE_EXAMPLE = {"items": [{"top": [[(i + j) % 4 for j in range(8)] for i in range(8)],
-                             "bottom": [[(i * j) % 4 for j in range(16)] for i in range(16)]}]}
-
-
 class DecodeRequest(_Strict):
-    model_config = ConfigDict(json_schema_extra={"examples": [DECODE_EXAMPLE]})
     items: list[DecodeItem] = Field(min_length=1)
+
+
+def decode_example(levels: dict[str, Level], image_size: int) -> dict[str, Any]:
+    """A valid decode body for a bundle (one image of its size; codes 0..3 exist in any codebook):
+    what /docs offers to try, and an example the API fuzz test (Schemathesis) sends as it is."""
+    grids = {}
+    for name, level in levels.items():
+        h, w = level.grid(image_size, image_size)
+        grids[name] = [[(i + j) % 4 for j in range(w)] for i in range(h)]
+    return {"items": [grids]}
 
 
 # Temperatures are float32 in the sampler: keep them normal there (no 0, no overflow, no subnormal).
