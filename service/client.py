@@ -51,7 +51,11 @@ class PayloadTooLargeError(VqtokError):  # 413: body, pixels or item count over 
     pass
 
 
-class UnsupportedMediaTypeError(VqtokError):  # 415
+class BodyTimeoutError(VqtokError):  # 408: the request body did not arrive in time (a stalled upload)
+    pass
+
+
+class UnsupportedMediaTypeError(VqtokError):  # 415: a content type or an image format the service refuses
     pass
 
 
@@ -71,8 +75,8 @@ class ServerError(VqtokError):  # other 5xx
     pass
 
 
-_ERRORS: dict[int, type[VqtokError]] = {400: BadRequestError, 401: AuthenticationError, 413: PayloadTooLargeError,
-                                        415: UnsupportedMediaTypeError, 422: InvalidRequestError,
+_ERRORS: dict[int, type[VqtokError]] = {400: BadRequestError, 401: AuthenticationError, 408: BodyTimeoutError,
+                                        413: PayloadTooLargeError, 415: UnsupportedMediaTypeError, 422: InvalidRequestError,
                                         503: OverloadedError, 504: DeadlineExceededError}
 
 
