@@ -23,7 +23,7 @@ import torch
 from service.bundle.images import crop_to_multiple, psnr
 from training import plots
 from training.codecs import at_budget
-from training.data import heldout_files, load_rgb, thumbnails
+from training.data import PhotoSource, heldout_files, load_rgb, thumbnails
 from training.export import to_uint8_images
 from training.loop import checkpoint_path, load_checkpoint
 from training.metrics import encode_batches, prior_bits, usage_terms, vqvae_metrics
@@ -37,7 +37,7 @@ def training_summary(path: Path) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
     return {"steps": ckpt["step"], "batch_size": cfg["batch_size"], "lr": cfg["lr"], "data": cfg["data"],
-            "image_size": cfg["image_size"], "checkpoint": str(checkpoint_path(path))}
+            "image_size": cfg["image_size"], "init": cfg.get("init", ""), "checkpoint": str(checkpoint_path(path))}
 
 
 def level_report(vqvae, recon: dict[str, float], codes: dict[str, torch.Tensor], priors: dict) -> dict[str, Any]:
@@ -119,6 +119,10 @@ def evaluate_models(vqvae, priors: dict, data: str, val_fraction: float, image_s
         "reconstruction": {k: recon[k] for k in ("psnr", "mse", "ssim")},
         "levels": level_report(vqvae, recon, codes, priors),
     }
+    # A figure anyone can reproduce without the data folder: the built-in held-out photos' crops
+    # (tests/test_default_bundle.py recomputes it through the ONNX graphs).
+    crops = PhotoSource.build(image_size).heldout()
+    report["photos_heldout_crops"] = {"images": len(crops), "psnr": vqvae_metrics(vqvae, crops, with_ssim=False)[0]["psnr"]}
     positions = {n: lv["positions_per_image"] for n, lv in report["levels"].items()}
     report["code_length_bits_per_image"] = {
         "uniform_prior": sum(positions[n] * lv["log2_K"] for n, lv in report["levels"].items())}
