@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from models import VQVAE2
+from service.bundle.images import psnr_from_mse
 from training import plots
 from training.config import VQVAETrainConfig
 from training.data import PackedSource, make_source
@@ -79,7 +80,7 @@ def main(args) -> int:
         run.scheduler.step()
         # Images live in [-1, 1], so MSE on the [0, 1] scale is a quarter of it.
         mse, loss = mse.detach(), loss.detach()
-        metrics = {"loss": float(loss), "mse": float(mse) / 4, "psnr": float(10 * torch.log10(4 / mse)),
+        metrics = {"loss": float(loss), "mse": float(mse) / 4, "psnr": float(psnr_from_mse(float(mse), peak=2.0)),  # model range [-1, 1]
                    "skipped_files": source.skipped}
         for name, lv in out["levels"].items():
             metrics[f"{name}_perplexity"] = float(lv["perplexity"])

@@ -108,9 +108,13 @@ def psnr(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     [H, W, 3] pairs give a 0-d array; [N, H, W, 3] batches give [N].
     """
     diff = a.astype(np.float64) - b.astype(np.float64)
-    mse = np.mean(diff * diff, axis=(-3, -2, -1))
+    return psnr_from_mse(np.mean(diff * diff, axis=(-3, -2, -1)))
+
+
+def psnr_from_mse(mse: float | np.ndarray, peak: float = 255.0) -> np.ndarray:
+    """PSNR in dB of a mean squared error on a signal whose range is ``peak`` wide (inf for 0)."""
     with np.errstate(divide="ignore"):
-        return 10 * np.log10(255.0 ** 2 / mse)
+        return 10 * np.log10(peak ** 2 / np.asarray(mse, dtype=np.float64))
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, pad: int = 2) -> np.ndarray:
