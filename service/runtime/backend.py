@@ -23,7 +23,15 @@ from service.bundle.sampling import noise_for
 from service.runtime.buckets import bucket_for, buckets_up_to, pad_rows
 from service.runtime.codelength import prior_bits
 from service.runtime.sampler import PriorSampler
-from service.runtime.session import CUDA, DeviceUnavailable, RuntimeConfig, gpu_name, open_session, session_options
+from service.runtime.session import (
+    CUDA,
+    DeviceUnavailable,
+    RuntimeConfig,
+    cuda_device_id,
+    gpu_name,
+    open_session,
+    session_options,
+)
 
 log = logging.getLogger("vqtok.runtime")
 
@@ -73,7 +81,7 @@ class OrtBackend:
                 cfg = cfg.on_cpu()  # don't retry CUDA for every graph
         self.cfg = cfg
         self.provider = self.sessions[ENCODER].get_providers()[0]
-        self.gpu_name = gpu_name(int(cuda_device_id(self.sessions[ENCODER]))) if self.provider == CUDA else None
+        self.gpu_name = gpu_name(cuda_device_id(self.sessions[ENCODER])) if self.provider == CUDA else None
         self.buckets = self.provider == CUDA if cfg.buckets is None else cfg.buckets
         # Input sizes (per operation) whose every bucket has run once, and how often / how long a
         # request brought a new one (fit=none sizes): the API layer exports both as metrics.
@@ -222,8 +230,3 @@ class OrtBackend:
                 names = [i.name for i in sess.get_inputs()]
                 sess.run(None, {n: codes[n][:1] for n in names})
             self.sample(noise_for(self.bundle, 0, 1), np.ones(1, np.float32), np.zeros(1, np.int64))
-
-
-def cuda_device_id(sess: ort.InferenceSession) -> str:
-    """The CUDA device a session runs on (its provider option, "0" unless set)."""
-    return sess.get_provider_options().get(CUDA, {}).get("device_id", "0")

@@ -26,7 +26,7 @@ import onnxruntime as ort
 
 from service.bundle import Bundle, BundleError, prior_graph
 from service.bundle.sampling import cache_zeros, pick_codes
-from service.runtime.session import CUDA, RuntimeConfig, open_session
+from service.runtime.session import CUDA, RuntimeConfig, cuda_device_id, open_session
 
 METHODS = ("cached", "naive")
 Visit = Callable[[int, int, np.ndarray], np.ndarray]
@@ -231,7 +231,7 @@ class PriorSampler:
         if self.io_binding is False or (self.io_binding is None and not on_cuda):
             return None
         if on_cuda:
-            return "cuda", int(sess.get_provider_options().get(provider, {}).get("device_id", 0))
+            return "cuda", cuda_device_id(sess)
         return "cpu", 0
 
     def _cached(self, level: str, noise: np.ndarray, t: np.ndarray, k: np.ndarray,

@@ -139,6 +139,11 @@ def gpu_name(device_id: int = 0) -> str | None:
     return None
 
 
+def cuda_device_id(sess: ort.InferenceSession) -> int:
+    """The CUDA device a session runs on (its provider option, 0 unless set)."""
+    return int(sess.get_provider_options().get(CUDA, {}).get("device_id", 0))
+
+
 def device_name(sess: ort.InferenceSession) -> str:
     """'cuda' or 'cpu': where a session's graph runs."""
     return "cuda" if sess.get_providers()[0] == CUDA else "cpu"
