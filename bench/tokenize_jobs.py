@@ -49,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 from serve_load import start_server
 
 from service.bundle import DEFAULT_BUNDLE, Bundle
-from service.jobs.files import ReadPolicy, cpu_count, list_images, load_files, stack
+from service.bundle.images import list_images
+from service.jobs.files import ReadPolicy, cpu_count, load_files, stack
 from service.jobs.local import CPU_BATCH, Encoder, LocalConfig, run_local
 from service.jobs.shards import shard_files
 

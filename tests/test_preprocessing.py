@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from service.api.decoding import ImageLimits, load_image
-from service.bundle.images import IMAGE_SUFFIXES, center_crop, psnr, thumbnail
+from service.bundle.images import IMAGE_SUFFIXES, center_crop, list_images, psnr, thumbnail
 
 SIZE = 64
 
@@ -67,9 +67,17 @@ def test_psnr_per_image_and_identical():
     assert float(psnr(a[0], a[0] + 1)) == pytest.approx(10 * np.log10(255 ** 2))
 
 
-def test_one_suffix_set():
-    """Jobs and training find images by the contract's one suffix set."""
-    from service.jobs import files
+def test_one_suffix_set(tmp_path):
+    """Jobs and training find the same images, by the contract's one suffix set and listing."""
+    pytest.importorskip("torch")
+    from training.data import split_source
 
-    assert files.IMAGE_SUFFIXES is IMAGE_SUFFIXES
     assert {".jpg", ".png", ".webp"} <= IMAGE_SUFFIXES
+    for rel in ("a.jpg", "b.PNG", "notes.txt", "sub/c.webp", "sub/d.tiff", "e.ico"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    listed = list_images(tmp_path)
+    assert listed == ["a.jpg", "b.PNG", "sub/c.webp", "sub/d.tiff"]
+    split = split_source(str(tmp_path), val_fraction=0.5)
+    found = {p.relative_to(tmp_path).as_posix() for p in split.train_files + split.heldout_files}
+    assert found == set(listed)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from service.bundle.images import IMAGE_SUFFIXES, decode_rgb, open_image, thumbnail
+from service.bundle.images import IMAGE_SUFFIXES, decode_rgb, list_images, open_image, thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def split_source(spec: str, val_fraction: float) -> Split:
         return Split(spec, [photo_path(n) for n in TRAIN_PHOTOS], [photo_path(n) for n in HELDOUT_PHOTOS],
                      PHOTOS_TERMS)
     root = Path(spec)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = sorted(root / rel for rel in list_images(root))  # sorted as paths, the order packs were keyed by
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
     held = [p for p in files if is_heldout(str(p.relative_to(root)), val_fraction)]

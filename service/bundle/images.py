@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -20,6 +21,12 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP")
 
 ORIENTATION = 0x0112
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+
+
+def list_images(root: Path) -> list[str]:
+    """Image files under ``root`` (recursive, by ``IMAGE_SUFFIXES``) as sorted POSIX paths relative to it."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 def open_image(data: bytes | bytearray | io.BufferedIOBase) -> Image.Image:

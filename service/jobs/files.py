@@ -24,17 +24,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from service.bundle.images import IMAGE_SUFFIXES, ORIENTATION, center_crop, decode_rgb, open_image
+from service.bundle.images import ORIENTATION, center_crop, decode_rgb, open_image
 from service.jobs.retry import Backoff
 
 TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.EINTR, errno.EBUSY})
 _TRANSPOSED = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
-
-
-def list_images(root: Path) -> list[str]:
-    """Image files under ``root`` as sorted POSIX paths relative to it."""
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from service.bundle import DEFAULT_BUNDLE, ENCODER, Bundle
-from service.jobs.files import Loaded, ReadPolicy, cpu_count, list_images, load_files, stack
+from service.bundle.images import list_images
+from service.jobs.files import Loaded, ReadPolicy, cpu_count, load_files, stack
 from service.jobs.progress import progress_bar
 from service.jobs.records import BundleId, Encoded
 from service.jobs.shards import JobOutput, JobReport

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from service.bundle import DEFAULT_BUNDLE, Bundle
-from service.jobs.files import ReadPolicy, list_images, load_files
+from service.bundle.images import list_images
+from service.jobs.files import ReadPolicy, load_files
 from service.jobs.local import Encoder
 from service.jobs.progress import progress_bar
 from service.jobs.records import BundleId, Encoded

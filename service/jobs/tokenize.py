@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from service.bundle.images import list_images
 from service.client import (
     AsyncClient,
     BadRequestError,
@@ -41,7 +42,6 @@ from service.jobs.files import (
     Stamp,
     TransientReadError,
     header_size,
-    list_images,
     read_file,
     still_settling,
 )
