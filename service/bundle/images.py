@@ -19,6 +19,26 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".
 # out inside ``Image.open``, before any pixel limit can be checked.
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP")
 
+# Signatures of image formats we recognise but refuse (415 rather than "not an image", 400).
+REFUSED_SIGNATURES: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x00\x00\x01\x00", "ICO"), (0, b"\x00\x00\x02\x00", "CUR"), (0, b"%!PS", "EPS/PostScript"),
+    (0, b"\xc5\xd0\xd3\xc6", "EPS"), (0, b"8BPS", "PSD"), (0, b"%PDF", "PDF"), (0, b"icns", "ICNS"),
+    (0, b"DDS ", "DDS"), (0, b"\xff\x4f\xff\x51", "JPEG 2000"), (4, b"jP  ", "JPEG 2000"),
+    (0, b"gimp xcf", "XCF"), (0, b"qoif", "QOI"), (0, b"SIMPLE  =", "FITS"), (4, b"ftypheic", "HEIC"),
+    (4, b"ftypheix", "HEIC"), (4, b"ftypmif1", "HEIF"), (4, b"ftypavif", "AVIF"), (0, b"<svg", "SVG"),
+    (0, b"\x01\xda", "SGI"), (0, b"\x59\xa6\x6a\x95", "Sun raster"), (0, b"\x76\x2f\x31\x01", "OpenEXR"),
+)
+
+
+def refused_format(data: bytes | bytearray) -> str | None:
+    """The name of a recognised but refused format, from the first bytes; None otherwise."""
+    head = bytes(data[:16])
+    for offset, magic, name in REFUSED_SIGNATURES:
+        if head[offset:offset + len(magic)] == magic:
+            return name
+    return None
+
+
 ORIENTATION = 0x0112
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 

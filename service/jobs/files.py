@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from service.bundle.images import ORIENTATION, center_crop, decode_rgb, open_image
+from service.bundle.images import ORIENTATION, center_crop, decode_rgb, open_image, refused_format
 from service.jobs.retry import Backoff
 
 TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.EINTR, errno.EBUSY})
@@ -124,6 +124,9 @@ def preprocess(data: bytes, image_size: int, max_pixels: int | None = None) -> t
     """
     if not data:
         raise FileRefused(400, "invalid_image", "empty file")
+    refused = refused_format(data)
+    if refused:
+        raise FileRefused(415, "unsupported_image_format", f"{refused} images are not accepted")
     try:
         im = open_image(data)
     except Image.DecompressionBombError as e:
