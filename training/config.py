@@ -21,6 +21,7 @@ class VQVAETrainConfig:
     cache_side: int = 256  # the pack keeps each image's shorter side at most this (and at least image_size)
     device: str = "auto"  # "auto" (CUDA when torch sees it), "cpu" or "cuda"
     threads: int = 0  # torch CPU threads (0 = torch's default)
+    precision: str = "bf16"  # "bf16" autocast (CPU and CUDA) or "fp32"; the quantizers always run in fp32
     init: str = ""  # a bundle directory whose weights the run starts from (fine-tuning); "" = random
     image_size: int = 64
     batch_size: int = 64
@@ -62,6 +63,7 @@ class PriorTrainConfig:
     cache_side: int = 256
     device: str = "auto"
     threads: int = 0
+    precision: str = "bf16"
     init: str = ""  # a bundle directory whose prior of this level the run starts from
     image_size: int = 64
     batch_size: int = 64
@@ -87,7 +89,7 @@ class PriorTrainConfig:
 
 
 # Fields that may change when resuming: they steer the run, not what is being trained.
-RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "ckpt_every", "cache", "device", "threads"}
+RESUMABLE_CHANGES = {"steps", "log_every", "eval_every", "ckpt_every", "cache", "device", "threads", "precision"}
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:

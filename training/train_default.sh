@@ -1,33 +1,59 @@
 #!/usr/bin/env bash
-# Reproduces artifacts/default: the previous default bundle (8 built-in photos, commit 96d3b0f) fine-tuned
-# on the ImageNet sample photos plus the built-in photos (a hash-chosen 10 % of the folder's files and two
-# photos held out): VQ-VAE-2 at 64x64, K=512 at both levels (EMA codebooks), then both priors, held-out
-# evaluation and export. Every stage resumes if re-run.
-# DATA must point at the imagenet-samples folder (see ../shared/data/README.md for its terms).
+# The default model's long run: trains for as long as it is given, in rounds, and survives interruptions.
+#
+# Each round fine-tunes the previous round's bundle (the shipped artifacts/default for the first round, or
+# when runs/ is gone on a fresh machine): the VQ-VAE-2, then the top prior, then the bottom prior (on the new
+# VQ-VAE's codes), all bf16 on one CPU thread by default. It then evaluates on the comparison set (the
+# ImageNet sample's held-out share and the two built-in held-out photos: the 93 files of issue 16) and on the
+# held-out share of each super-resolution folder, and exports the round's bundle to $RUNS/roundN/bundle.
+# It never writes artifacts/default: bench/compare_bundles.py says whether a round beats the shipped bundle,
+# and a person commits it.
+#
+# Every stage checkpoints often and resumes where it stopped, so re-running this script after a kill, a
+# reboot or the end of a session continues the same round. ROUNDS=0 (the default) keeps going until killed.
+#
+# DATA and SR must point at ../shared/data's folders (see its README for their terms).
 set -euo pipefail
 RUNS=${RUNS:-runs/default}
 DATA=${DATA:-../shared/data/imagenet-samples}
-PREV=${PREV:-$RUNS/prev_default}
-SOURCES="$DATA,photos"
-TERMS="ImageNet images (imagenet-samples: one photo per ILSVRC class): use for non-commercial research and education only"
-export OMP_WAIT_POLICY=PASSIVE  # keeps torch from spinning when another process shares the cores
-
-if [ ! -f "$PREV/manifest.json" ]; then  # the bundle the run starts from
-    mkdir -p "$PREV" && git archive 96d3b0f artifacts/default | tar -x -C "$PREV" --strip-components 2
-fi
+SR=${SR:-../shared/data/sr-benchmarks}
+ROUNDS=${ROUNDS:-0}
+THREADS=${THREADS:-1}
+PRECISION=${PRECISION:-bf16}
+VQ_STEPS=${VQ_STEPS:-24000}
+TOP_STEPS=${TOP_STEPS:-6000}
+BOTTOM_STEPS=${BOTTOM_STEPS:-5000}
+CACHE_SIDE=${CACHE_SIDE:-1024}  # full-resolution crops: the 1024 px photos are kept at native size
+SOURCES="$DATA,$SR/bsd100,$SR/urban100,$SR/sun-hays80,photos"
+TERMS="ImageNet images (imagenet-samples: one photo per ILSVRC class): non-commercial research and education only; super-resolution test sets (BSD100, Urban100, Sun-Hays 80): research use, see ../shared/data/sr-benchmarks"
+export OMP_WAIT_POLICY=PASSIVE OMP_NUM_THREADS=$THREADS  # no spinning when another process shares the cores
 
 stage() {  # stage RUN_DIR ARGS...: start a run, or resume it if a checkpoint exists
     local run=$1; shift
     if [ -f "$run/checkpoint.pt" ]; then vqtok "$@" --run "$run" --resume; else vqtok "$@" --run "$run"; fi
 }
 
-stage "$RUNS/vqvae" train-vqvae --data "$SOURCES" --data-terms "$TERMS" --init "$PREV" --threads 1 \
-    --batch-size 32 --lr 3e-4 --warmup 50 --steps 500 --ckpt-every 50 --eval-every 250
-for level in top bottom; do
-    stage "$RUNS/prior_$level" train-prior --vqvae "$RUNS/vqvae" --data "$SOURCES" --level $level --init "$PREV" \
-        --threads 1 --batch-size 32 --lr 3e-4 --warmup 20 --steps 450 --eval-every 100 --ckpt-every 25 &
+round=1
+while [ "$ROUNDS" = 0 ] || [ "$round" -le "$ROUNDS" ]; do
+    dir="$RUNS/round$round"
+    if [ -f "$dir/bundle/manifest.json" ]; then round=$((round + 1)); continue; fi
+    prev="$RUNS/round$((round - 1))/bundle"
+    [ -f "$prev/manifest.json" ] || prev=artifacts/default
+    mkdir -p "$dir" && echo "round $round: from $prev ($(date -u +%FT%TZ))" | tee -a "$RUNS/rounds.log"
+    common=(--data "$SOURCES" --init "$prev" --threads "$THREADS" --precision "$PRECISION" --batch-size 32
+            --cache "$RUNS/cache" --cache-side "$CACHE_SIDE")
+    stage "$dir/vqvae" train-vqvae "${common[@]}" --data-terms "$TERMS" --lr 3e-4 --warmup 200 \
+        --steps "$VQ_STEPS" --ckpt-every 500 --eval-every 2000
+    stage "$dir/prior_top" train-prior "${common[@]}" --vqvae "$dir/vqvae" --level top --lr 3e-4 --warmup 100 \
+        --steps "$TOP_STEPS" --ckpt-every 250 --eval-every 1000
+    stage "$dir/prior_bottom" train-prior "${common[@]}" --vqvae "$dir/vqvae" --level bottom --lr 3e-4 \
+        --warmup 100 --steps "$BOTTOM_STEPS" --ckpt-every 250 --eval-every 1000
+    priors=(--prior-top "$dir/prior_top" --prior-bottom "$dir/prior_bottom")
+    vqtok evaluate --vqvae "$dir/vqvae" "${priors[@]}" --data "$DATA,photos" --out "$dir/eval"
+    vqtok evaluate --vqvae "$dir/vqvae" "${priors[@]}" --data "$SR/bsd100,$SR/urban100,$SR/sun-hays80" \
+        --out "$dir/eval_sr"
+    vqtok export --vqvae "$dir/vqvae" "${priors[@]}" --eval "$dir/eval/eval.json" --out "$dir/bundle" \
+        --name vqtok-default
+    echo "round $round: exported $dir/bundle ($(date -u +%FT%TZ))" | tee -a "$RUNS/rounds.log"
+    round=$((round + 1))
 done
-wait
-vqtok evaluate --vqvae "$RUNS/vqvae" --prior-top "$RUNS/prior_top" --prior-bottom "$RUNS/prior_bottom" --out "$RUNS/eval"
-vqtok export --vqvae "$RUNS/vqvae" --prior-top "$RUNS/prior_top" --prior-bottom "$RUNS/prior_bottom" \
-    --eval "$RUNS/eval/eval.json" --out artifacts/default --name vqtok-default

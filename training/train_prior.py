@@ -80,7 +80,7 @@ def main(args) -> int:
         raise SystemExit("--level must be top or bottom")
     if not cfg.vqvae:
         raise SystemExit("--vqvae (the VQ-VAE run directory) is required")
-    placement = place(cfg.device, cfg.threads)
+    placement = place(cfg.device, cfg.threads, cfg.precision)
     vqvae = load_vqvae(cfg.vqvae).to(placement.device)
     if cfg.level not in vqvae.config.level_names:
         raise SystemExit(f"this VQ-VAE has no {cfg.level} level")
@@ -95,7 +95,7 @@ def main(args) -> int:
         from training.from_bundle import warm_start
 
         warm_start(model, cfg.init, cfg.level)
-    model = model.to(placement.device)
+    model = placement.prepare(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps))
     run = Run("prior", args.run, cfg, model, optimizer, scheduler, np.random.default_rng(cfg.seed),

@@ -38,14 +38,14 @@ def load_source(cfg, directory: Path, placement: Placement) -> PackedSource:
 
 def build_run(args) -> tuple[Run, PackedSource, Placement]:
     cfg, ckpt = resolve_config(VQVAETrainConfig, args)
-    placement = place(cfg.device, cfg.threads)
+    placement = place(cfg.device, cfg.threads, cfg.precision)
     torch.manual_seed(cfg.seed)
     model = VQVAE2(cfg.model_config())
     if cfg.init and ckpt is None:
         from training.from_bundle import warm_start
 
         warm_start(model, cfg.init)
-    model = model.to(placement.device)
+    model = placement.prepare(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup, cfg.steps))
     # One process keeps the plain seed (and bit-exact resume); ranks draw different crops.
@@ -69,7 +69,7 @@ def main(args) -> int:
 
     def step() -> dict[str, float]:
         model.train()
-        x = to_model_input(source.crops(run.rng, cfg.batch_size))
+        x = placement.images(to_model_input(source.crops(run.rng, cfg.batch_size)))
         with placement.autocast():
             out = trained(x, training=True)
         mse = F.mse_loss(out["recon"].float(), x)
