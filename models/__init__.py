@@ -1,4 +1,5 @@
 """PyTorch modules of vqtok. No I/O here: data, checkpoints and export live in ``training``."""
+from models.cached_prior import CachedPrior
 from models.pixelcnn import GatedPixelCNN, PixelCNNConfig
 from models.quantizer import (
     FactorizedQuantizer,
@@ -11,5 +12,5 @@ from models.quantizer import (
 )
 from models.vqvae import VQVAE2, VQVAEConfig
 
-__all__ = ["VQVAE2", "FactorizedQuantizer", "FiniteScalarQuantizer", "GatedPixelCNN", "PixelCNNConfig", "Quantizer",
+__all__ = ["VQVAE2", "CachedPrior", "FactorizedQuantizer", "FiniteScalarQuantizer", "GatedPixelCNN", "PixelCNNConfig", "Quantizer",
            "QuantizerConfig", "VQVAEConfig", "VectorQuantizerEMA", "make_quantizer", "rotate_to"]

@@ -1,7 +1,7 @@
 """Gated PixelCNN prior over a code grid (van den Oord et al. 2016), without a blind spot.
 
 Causality comes from shapes and shifts rather than masks, which keeps the graph simple to
-export and to cache (see ``training/fast_sampling``):
+export and to cache (see ``models/cached_prior``):
 
 * vertical stack: a (p+1) x k conv over rows i-p..i. It may see the whole current row, so it
   reaches the horizontal stack only through a one-row downward shift (the "link").

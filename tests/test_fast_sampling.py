@@ -21,8 +21,8 @@ from service.bundle import Bundle
 from service.bundle.sampling import gumbel_noise, noise_for, pick_codes
 from service.runtime.sampler import PriorSampler, teacher_forcing
 from service.runtime.session import open_session
+from training.export_steps import export_step_graphs
 from training.fast_sampling import (
-    export_step_graphs,
     sample_cached_torch,
     sample_naive_torch,
     sample_torch,

@@ -3,6 +3,7 @@
 - Nothing in ``service/`` imports torch, ``training`` or ``models`` (checked by importing every
   module in a fresh interpreter).
 - ``training/`` imports nothing of ``service/`` but ``service.bundle``.
+- ``models/`` holds PyTorch modules only: no I/O (no files, checkpoints, images or export).
 - Inside ``service/`` each package imports only the ones below it, so there are no circles.
 """
 from __future__ import annotations
@@ -66,6 +67,43 @@ def test_training_imports_only_the_bundle_contract_of_the_service():
     imported = {m for path in _modules("training") for m in _imports(path) if m.startswith("service")}
     assert imported, "training should use the bundle contract"
     assert all(m == "service.bundle" or m.startswith("service.bundle.") for m in imported), imported
+
+
+# What a module of ``models/`` may import: torch and a few pure-computation standard modules.
+MODELS_MAY_IMPORT = {"__future__", "collections", "contextlib", "dataclasses", "functools", "math", "typing",
+                     "torch", "models"}
+# Calls that read or write something outside the process.
+IO_CALLS = {"open", "save", "load", "export", "read_text", "write_text", "read_bytes", "write_bytes"}
+
+
+def test_models_hold_modules_only_without_io():
+    problems = []
+    for path in _modules("models"):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                if name.split(".")[0] not in MODELS_MAY_IMPORT or name.startswith("torch.onnx"):
+                    problems.append(f"{path.relative_to(ROOT)}:{node.lineno} imports {name}")
+            if isinstance(node, ast.Call):
+                func = node.func
+                called = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
+                if called in IO_CALLS:
+                    problems.append(f"{path.relative_to(ROOT)}:{node.lineno} calls {called}")
+    assert not problems, "\n".join(problems)
+
+
+def test_cached_sampling_lives_where_the_layout_says():
+    """``CachedPrior`` (a module) in ``models/``; its ONNX step graphs exported by ``training/export_steps.py``."""
+    defined = {path.relative_to(ROOT).as_posix(): {n.name for n in ast.walk(ast.parse(path.read_text()))
+                                                   if isinstance(n, (ast.ClassDef, ast.FunctionDef))}
+               for package in ("models", "training") for path in _modules(package)}
+    assert [f for f, names in defined.items() if "CachedPrior" in names] == ["models/cached_prior.py"]
+    assert [f for f, names in defined.items() if "export_step_graphs" in names] == ["training/export_steps.py"]
 
 
 def test_service_modules_import_without_torch_training_or_models():

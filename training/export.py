@@ -23,6 +23,7 @@ from torch import nn
 
 from models import VQVAE2, GatedPixelCNN
 from service.bundle import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, Bundle, prior_graph, sha256_file
+from training.export_steps import export_sampling_graphs
 from training.onnx_graph import OPSET, export_onnx
 
 # (files by graph name, the manifest's sampling section, PyTorch's reference answers) -> parity report;
@@ -108,7 +109,7 @@ def export_bundle(vqvae: VQVAE2, prior_top: GatedPixelCNN | None, prior_bottom: 
         export_onnx(PriorGraph(prior), tuple(named[i] for i in inputs[level]), files[graph], inputs[level],
                     ["logits"], {**_grid_axes(inputs[level]), "logits": {0: "batch", 2: "h", 3: "w"}})
 
-    # Fast cached sampling (issue 4): per-prior step graphs + their cache shapes, see training/fast_sampling.py.
+    # Fast cached sampling (issue 4): per-prior step graphs + their cache shapes, see training/export_steps.py.
     sampling = export_sampling_graphs(priors, inputs, out, files, named)
     parity = check(files, sampling, reference(vqvae, priors, inputs, check_images))
     strides = vqvae.config.strides
@@ -155,21 +156,3 @@ def reference(vqvae: VQVAE2, priors: dict[str, GatedPixelCNN], inputs: dict[str,
         logits[level] = prior(*(codes[i] for i in inputs[level])).numpy()
     return {"images": images, "codes": {k: v.numpy() for k, v in codes.items()}, "pixels": pixels,
             "prior_logits": logits, "prior_inputs": inputs}
-
-
-# --- fast cached sampling (issue 4): step graphs ----------------------------------------------------
-def export_sampling_graphs(priors: dict[str, GatedPixelCNN], inputs: dict[str, list[str]], out: Path,
-                           files: dict[str, Path], named: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Write each prior's row/pixel(/cond) step graphs into ``out``, add them to ``files`` and
-    return the manifest's ``sampling`` entry ({level: graph names and cache shapes})."""
-    from training.fast_sampling import export_step_graphs
-
-    sampling: dict[str, Any] = {}
-    for level, prior in priors.items():
-        grid = tuple(named[level].shape[1:])
-        cond = inputs[level][1] if len(inputs[level]) > 1 else None
-        cond_grid = tuple(named[cond].shape[1:]) if cond else None
-        step_files, sampling[level] = export_step_graphs(prior, out, prior_graph(level), grid, cond_grid,
-                                                         cond_name=cond or "cond")
-        files.update(step_files)
-    return sampling

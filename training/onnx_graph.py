@@ -1,5 +1,5 @@
 """Tracing one PyTorch module to one checked ONNX graph: the single export path that the bundle's
-graphs (``training.export``) and the fast-sampling step graphs (``training.fast_sampling``) share."""
+graphs (``training.export``) and the fast-sampling step graphs (``training.export_steps``) share."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -4,7 +4,7 @@ code) or cached (Fast-PixelCNN step graphs, O(layers) per code). No torch here.
 What a seed means and how a code is picked is the bundle's contract (``service.bundle.sampling``);
 the PyTorch samplers in ``training.fast_sampling`` follow it too, so both give the same codes.
 
-The cached loop (see ``training/fast_sampling.py`` for the caches), per level, in raster order:
+The cached loop (see ``models/cached_prior.py`` for the caches), per level, in raster order:
 
     condv, condh = cond(coarser codes)                    # conditioned priors only, once
     for each row i:   hbias, vcache = row(codes[:, i-1], i, vcache[, condv, condh])
