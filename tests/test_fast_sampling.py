@@ -285,7 +285,7 @@ def test_noise_shape_is_checked(tiny_bundle):
 # -- no torch in the service; CLI and bench -----------------------------------------------------
 def test_service_sampling_does_not_import_torch():
     code = ("import sys; sys.modules['torch'] = None; "
-            "import service.runtime.sampler, service.cli; print('ok')")
+            "import service.runtime.sampler, service.cli, service.jobs.sample; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                          timeout=60, check=False)
     assert out.returncode == 0, out.stderr
@@ -296,7 +296,7 @@ def test_service_sampling_does_not_import_torch():
 def test_sample_cli(tiny_bundle, tmp_path, capsys, sampler):
     from PIL import Image
 
-    from service.cli import _sample as main
+    from service.jobs.sample import main
 
     out = tmp_path / "grid.png"
     args = argparse.Namespace(model=tiny_bundle, n=3, seed=4, temperature=1.0, top_k=5, sampler=sampler, out=out,
@@ -310,11 +310,11 @@ def test_sample_cli(tiny_bundle, tmp_path, capsys, sampler):
 
 
 def test_sample_cli_samplers_agree(tiny_bundle, tmp_path):
-    from service.cli import _sample as main
+    from service.cli import main as cli
 
-    for sampler in ("cached", "naive"):
-        main(argparse.Namespace(model=tiny_bundle, n=2, seed=8, temperature=1.0, top_k=None, sampler=sampler,
-                                out=tmp_path / f"{sampler}.png", device="cpu", threads=1))
+    for sampler in ("cached", "naive"):  # through the command line, which hands over to service.jobs.sample
+        assert cli(["sample", "--model", str(tiny_bundle), "--n", "2", "--seed", "8", "--sampler", sampler,
+                    "--out", str(tmp_path / f"{sampler}.png"), "--threads", "1"]) == 0
     a, b = np.load(tmp_path / "cached.npz"), np.load(tmp_path / "naive.npz")
     np.testing.assert_array_equal(a["top"], b["top"])
     np.testing.assert_array_equal(a["bottom"], b["bottom"])

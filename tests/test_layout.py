@@ -106,6 +106,17 @@ def test_cached_sampling_lives_where_the_layout_says():
     assert [f for f, names in defined.items() if "export_step_graphs" in names] == ["training/export_steps.py"]
 
 
+def test_the_command_line_only_wires_subcommands():
+    """``service/cli.py`` parses; each subcommand's work lives in its package (``vqtok sample`` in
+    ``service/jobs/sample.py``, ``vqtok tokenize`` in ``service/jobs/tokenize.py``, ...)."""
+    tree = ast.parse((ROOT / "service" / "cli.py").read_text())
+    handlers = [f for f in tree.body if isinstance(f, ast.FunctionDef) and f.name not in ("build_parser", "main")]
+    assert handlers
+    long = [f"{f.name}: {len(f.body)} statements" for f in handlers if len(f.body) > 4]  # import, call, print
+    assert not long, long
+    assert (ROOT / "service" / "jobs" / "sample.py").is_file()
+
+
 def test_service_modules_import_without_torch_training_or_models():
     modules = sorted(".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
                      for p in (ROOT / "service").rglob("*.py"))
