@@ -41,16 +41,19 @@ def random_images(n: int, size: int = TINY_SIZE, seed: int = 0) -> np.ndarray:
     return (np.clip(base + noise, 0, 1) * 255).astype(np.uint8)
 
 
-def export_tiny_bundle(out: Path, seed: int = 0, levels: int = 2) -> Path:
-    """A tiny bundle; ``levels=1`` is a plain VQ-VAE whose one level has an unconditioned prior."""
-    from service.runtime.parity import check
+def export_tiny_bundle(out: Path, seed: int = 0, levels: int = 2, check=None, **manifest) -> Path:
+    """A tiny bundle; ``levels=1`` is a plain VQ-VAE whose one level has an unconditioned prior.
+
+    ``check``: the parity check (default ``service.runtime.parity.check``); ``manifest``: the
+    ``metrics``, ``training`` and ``data`` sections to record."""
+    from service.runtime.parity import check as parity_check
     from training.export import export_bundle
 
     vqvae, prior_top, prior_bottom = tiny_models(seed, levels=levels)
     if levels == 1:
         prior_top, prior_bottom = None, prior_top  # the one level's prior takes no conditioning
     export_bundle(vqvae, prior_top, prior_bottom, out, TINY_SIZE, random_images(4, seed=seed),
-                  name="tiny" if levels == 2 else "tiny-1", check=check)
+                  name="tiny" if levels == 2 else "tiny-1", check=check or parity_check, **manifest)
     return out
 
 

@@ -11,6 +11,8 @@ bundle contract.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -81,12 +83,56 @@ def export_bundle(vqvae: VQVAE2, prior_top: GatedPixelCNN | None, prior_bottom: 
     """Write the bundle into ``out_dir`` and return its manifest.
 
     ``check_images`` are held-out uint8 [N, H, W, 3] images (H, W multiples of 8) on which ONNX
-    Runtime must reproduce PyTorch: ``check`` raises on a divergence, which leaves no manifest.
+    Runtime must reproduce PyTorch: ``check`` raises on a divergence.
+
+    The bundle is written into a new sibling folder of ``out_dir`` and swapped in only once the
+    parity check and a round-trip load (``Bundle.load``, every sha256) pass, so a failed export
+    leaves whatever ``out_dir`` held before untouched and no sibling behind.
     """
     out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(out, "exporting")
+    staging.mkdir()  # mode from the umask, as the folder it replaces had (not mkdtemp's 0700)
+    try:
+        manifest = _write_bundle(vqvae, prior_top, prior_bottom, staging, image_size, check_images, name,
+                                 check=check, metrics=metrics, training=training, data=data)
+        Bundle.load(staging)  # round-trip: the manifest we wrote must verify
+        _swap_in(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _sibling(out: Path, role: str) -> Path:
+    """A fresh name next to ``out`` (same filesystem, so renames between them are atomic)."""
+    return out.with_name(f"{out.name}.{role}-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Put the folder ``new`` at ``out``: rename the old one aside, rename the new one in, then delete
+    the old one. Each rename is atomic; if the second fails, the old folder is renamed back."""
+    if not out.exists() and not out.is_symlink():
+        new.rename(out)
+        return
+    aside = _sibling(out, "replaced")
+    out.rename(aside)
+    try:
+        new.rename(out)
+    except BaseException:
+        aside.rename(out)
+        raise
+    if aside.is_dir() and not aside.is_symlink():
+        shutil.rmtree(aside)
+    else:
+        aside.unlink()
+
+
+def _write_bundle(vqvae: VQVAE2, prior_top: GatedPixelCNN | None, prior_bottom: GatedPixelCNN | None, out: Path,
+                  image_size: int, check_images: np.ndarray, name: str, *, check: ParityCheck,
+                  metrics: dict[str, Any] | None, training: dict[str, Any] | None,
+                  data: dict[str, Any] | None) -> dict[str, Any]:
+    """Every graph and, once ``check`` passes, the manifest, into the empty folder ``out``."""
     vqvae.eval()
     level_names = vqvae.config.level_names
     priors = {name: p for name, p in zip(level_names, (prior_top, prior_bottom)[-len(level_names):]) if p is not None}
@@ -129,7 +175,6 @@ def export_bundle(vqvae: VQVAE2, prior_top: GatedPixelCNN | None, prior_bottom: 
         "training": training or {},
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    Bundle.load(out)  # round-trip: the manifest we wrote must verify
     return manifest
 
 
