@@ -1,22 +1,26 @@
 """``training.export.export_bundle`` onto a folder that already holds a bundle: a failed export (parity
 check, round-trip load, the swap itself, Ctrl-C) leaves the old bundle byte-for-byte as it was and no
-sibling folder behind; a good one replaces the folder whole."""
+sibling folder behind; a good one replaces the folder whole. And a manifest records no machine-local
+absolute paths."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from tests.conftest import export_tiny_bundle
+from tests.conftest import export_tiny_bundle, random_images
 
 pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 
-from service.bundle import Bundle, BundleError
+from service.bundle import DEFAULT_BUNDLE, Bundle, BundleError
 from service.runtime.parity import check as parity_check
 from training import export
+from training.data import describe_sources, portable_path, portable_paths, portable_sources
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -96,3 +100,55 @@ def test_an_export_creates_a_missing_folder(tmp_path):
     export_tiny_bundle(out, levels=1)
     assert Bundle.load(out).name == "tiny-1"
     assert sorted(p.name for p in out.parent.iterdir()) == ["bundle"]
+
+
+# -- no machine-local paths -----------------------------------------------------------------------
+def absolute_paths(value) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in absolute_paths(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in absolute_paths(v)]
+    if isinstance(value, str):
+        return [value] if any(part.strip().startswith("/") for part in value.split(",")) else []
+    return []
+
+
+def test_portable_paths():
+    repo = Path(export.__file__).resolve().parents[1]
+    assert portable_path("/work/shared/data/imagenet-samples") == "imagenet-samples"
+    assert portable_path("/home/someone/runs/ft/vqvae/checkpoint.pt") == "vqvae/checkpoint.pt"
+    assert portable_path(repo / "artifacts" / "default") == "artifacts/default"
+    assert portable_path("data/images") == "data/images"  # relative: as given, not resolved
+    assert portable_path("") == "" and portable_path("photos") == "photos"
+    assert portable_sources("/work/shared/data/imagenet-samples, photos") == "imagenet-samples,photos"
+    report = {"data": "/srv/a,photos", "runs": ["/tmp/x/run/checkpoint.pt"], "steps": 3,
+              "terms": "see /usr/share/doc for the licence"}  # prose that mentions a path stays
+    assert portable_paths(report) == {"data": "a,photos", "runs": ["run/checkpoint.pt"], "steps": 3,
+                                      "terms": "see /usr/share/doc for the licence"}
+
+
+def test_an_export_records_no_machine_local_paths(tmp_path):
+    folder = tmp_path / "my-images"
+    folder.mkdir()
+    for i, img in enumerate(random_images(12, size=16, seed=2)):
+        Image.fromarray(img).save(folder / f"img{i}.png")
+    data = describe_sources(f"{folder},photos", 0.3, 256)
+    assert [s["source"] for s in data["sources"]] == ["my-images", "photos"]
+    run = tmp_path / "runs" / "vqvae"
+    training = {"vqvae": {"data": f"{folder},photos", "init": str(tmp_path / "prev"),
+                          "checkpoint": str(run / "checkpoint.pt")}}
+    metrics = {"data": f"{folder},photos", "training": training, "reconstruction": {"psnr": 20.0}}
+    out = tmp_path / "bundle"
+    export_tiny_bundle(out, levels=1, data=data, training=training, metrics=metrics)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert str(tmp_path) not in (out / "manifest.json").read_text()
+    assert absolute_paths({k: manifest[k] for k in ("data", "training", "metrics")}) == []
+    assert manifest["training"]["vqvae"] == {"data": "my-images,photos", "init": "prev",
+                                             "checkpoint": "vqvae/checkpoint.pt"}
+    assert manifest["metrics"]["reconstruction"] == {"psnr": 20.0}
+
+
+@pytest.mark.skipif(not (DEFAULT_BUNDLE / "manifest.json").exists(), reason="no shipped bundle")
+def test_the_shipped_manifest_records_no_machine_local_paths():
+    manifest = json.loads((DEFAULT_BUNDLE / "manifest.json").read_text())
+    assert absolute_paths({k: manifest.get(k) for k in ("data", "training", "metrics")}) == []

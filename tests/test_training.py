@@ -152,6 +152,9 @@ def test_train_resume_prior_evaluate_export(image_folder, tmp_path):
     assert [lv["stride"] for lv in manifest["levels"]] == [8, 4]
     (source,) = manifest["data"]["sources"]
     assert source["terms"] == "test terms"
+    assert source["source"] == image_folder.name  # the folder's name, not this machine's path to it
+    recorded = json.dumps({k: manifest[k] for k in ("data", "training", "metrics")})
+    assert str(image_folder) not in recorded and str(tmp_path) not in recorded
     assert source["heldout_files"] == len(split_source(str(image_folder), 0.2).heldout_files)
     assert "per_image" not in manifest["metrics"]["native"]
 

@@ -16,6 +16,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -142,11 +143,51 @@ def parse_sources(data: str) -> list[str]:
     return specs
 
 
+# The repository (a checkout or an editable install): paths inside it are recorded relative to it.
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def portable_path(path: str | Path) -> str:
+    """A path as a bundle or report may record it on any machine: a relative path as given, an absolute
+    one relative to the repository when inside it, else only its name (a file's with its folder's:
+    ``run/checkpoint.pt``); never the machine's ``/home/...`` or ``/work/...``."""
+    text = str(path)
+    if not text or not Path(text).is_absolute():
+        return text
+    p = Path(os.path.normpath(text))
+    for candidate in (p, p.resolve()):  # resolved only to see whether it lies in the repository
+        if candidate.is_relative_to(REPOSITORY) and candidate != REPOSITORY:
+            return candidate.relative_to(REPOSITORY).as_posix()
+    return Path(*p.parts[-2 if p.suffix else -1:]).as_posix() if len(p.parts) > 1 else ""
+
+
+def portable_sources(data: str) -> str:
+    """A ``--data`` value with each folder made portable (``portable_path``); ``photos`` stays."""
+    return ",".join(portable_path(spec) for spec in parse_sources(data))
+
+
+def portable_paths(value: Any) -> Any:
+    """A JSON value (a manifest section, a report) with every absolute path in it made portable: each
+    string that is an absolute path or a comma-separated list of paths (a ``--data`` value). Prose
+    that merely mentions a path is left alone."""
+    if isinstance(value, dict):
+        return {k: portable_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable_paths(v) for v in value]
+    if isinstance(value, str):
+        parts = [s.strip() for s in value.split(",")]
+        absolute = [Path(s).is_absolute() for s in parts]
+        if any(absolute) and all(a or not any(c.isspace() for c in s) for s, a in zip(parts, absolute)):
+            return ",".join(portable_path(s) for s in parts)
+    return value
+
+
 def describe_sources(data: str, val_fraction: float, max_side: int, terms: str = "") -> dict:
     """The manifest's ``data`` entry: each source with its split sizes and terms, and the held-out rule."""
     splits = [split_source(spec, val_fraction) for spec in parse_sources(data)]
-    return {"sources": [{"source": s.spec, "train_files": len(s.train_files), "heldout_files": len(s.heldout_files),
-                         "terms": s.terms or terms or "unspecified"} for s in splits],
+    return {"sources": [{"source": portable_path(s.spec), "train_files": len(s.train_files),
+                         "heldout_files": len(s.heldout_files), "terms": s.terms or terms or "unspecified"}
+                        for s in splits],
             "heldout_rule": f"built-in photos: {', '.join(HELDOUT_PHOTOS)}; folders: the files whose "
                             f"sha1(relative path) falls in the first {val_fraction:g} of its range",
             "training_crops": f"random squares of side log-uniform in [image_size, shorter side], images "

@@ -23,7 +23,7 @@ import torch
 from service.bundle.images import crop_to_multiple, psnr
 from training import plots
 from training.codecs import at_budget
-from training.data import PhotoSource, heldout_files, load_rgb, thumbnails
+from training.data import PhotoSource, heldout_files, load_rgb, portable_path, portable_sources, thumbnails
 from training.export import to_uint8_images
 from training.loop import checkpoint_path, load_checkpoint
 from training.metrics import encode_batches, prior_bits, usage_terms, vqvae_metrics
@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 def training_summary(path: Path) -> dict[str, Any]:
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
-    return {"steps": ckpt["step"], "batch_size": cfg["batch_size"], "lr": cfg["lr"], "data": cfg["data"],
-            "image_size": cfg["image_size"], "init": cfg.get("init", ""), "checkpoint": str(checkpoint_path(path))}
+    # Paths as given but never a machine's absolute ones: the summary goes into bundles and reports.
+    return {"steps": ckpt["step"], "batch_size": cfg["batch_size"], "lr": cfg["lr"],
+            "data": portable_sources(cfg["data"]), "image_size": cfg["image_size"],
+            "init": portable_path(cfg.get("init", "")), "checkpoint": portable_path(checkpoint_path(path))}
 
 
 def level_report(vqvae, recon: dict[str, float], codes: dict[str, torch.Tensor], priors: dict) -> dict[str, Any]:
@@ -115,7 +117,8 @@ def evaluate_models(vqvae, priors: dict, data: str, val_fraction: float, image_s
         chunk, _, decoded = next(encode_batches(vqvae, images[:16]))
         plots.save_reconstructions(chunk, decoded, figures / "reconstructions.png")
     report: dict[str, Any] = {
-        "heldout_images": len(images), "image_size": image_size, "data": data, "val_fraction": val_fraction,
+        "heldout_images": len(images), "image_size": image_size, "data": portable_sources(data),
+        "val_fraction": val_fraction,
         "reconstruction": {k: recon[k] for k in ("psnr", "mse", "ssim")},
         "levels": level_report(vqvae, recon, codes, priors),
     }
@@ -157,7 +160,7 @@ def evaluate_bundle(directory: Path, data: str, val_fraction: float, max_images:
 
     vqvae, priors, bundle = from_bundle(directory)
     report = evaluate_models(vqvae, priors, data, val_fraction, bundle.image_size, max_images, native, figures)
-    report["bundle"] = {"path": str(directory), "name": bundle.manifest["name"],
+    report["bundle"] = {"path": portable_path(directory), "name": bundle.manifest["name"],
                         "training": bundle.manifest.get("training", {})}
     return report
 

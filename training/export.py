@@ -25,6 +25,7 @@ from torch import nn
 
 from models import VQVAE2, GatedPixelCNN
 from service.bundle import DECODER, ENCODER, FORMAT_VERSION, MANIFEST, Bundle, prior_graph, sha256_file
+from training.data import portable_paths
 from training.export_steps import export_sampling_graphs
 from training.onnx_graph import OPSET, export_onnx
 
@@ -170,9 +171,10 @@ def _write_bundle(vqvae: VQVAE2, prior_top: GatedPixelCNN | None, prior_bottom: 
         "onnx": {"opset": OPSET, "producer": f"pytorch {torch.__version__}", "onnx": onnx.__version__},
         "parity": parity,
         **({"sampling": sampling} if sampling else {}),
-        **({"data": data} if data else {}),
-        "metrics": metrics or {},
-        "training": training or {},
+        # What was trained on and how, with no machine's absolute paths (``portable_paths``).
+        **({"data": portable_paths(data)} if data else {}),
+        "metrics": portable_paths(metrics or {}),
+        "training": portable_paths(training or {}),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
