@@ -54,9 +54,9 @@ ESSENTIAL_APP = '''
 import sys
 sys.path.insert(0, {src!r})
 import numpy as np, orjson
-from service.api.decoding import ImageLimits, load_image
+from service.bundle.intake import IntakeLimits, take
 from service.api.multipart import MultipartReader
-LIMITS = ImageLimits(64, 8, 4096 * 4096, 1024 * 1024)
+LIMITS = IntakeLimits(64, 8, 4096 * 4096, 1024 * 1024)
 TOP, BOTTOM = np.zeros((8, 8), np.int64), np.zeros((16, 16), np.int64)
 async def app(scope, receive, send):
     if scope["type"] != "http":
@@ -71,7 +71,7 @@ async def app(scope, receive, send):
             reader.feed(message.get("body", b""))
     answer = b"{{}}"
     if reader is not None:
-        image = load_image(reader.close()[0].data, "center_crop", LIMITS, "images[0]")
+        image = take(reader.close()[0].data, "center_crop", LIMITS)[0]
         answer = orjson.dumps({{"model": "x", "items": [{{"height": image.shape[0], "width": image.shape[1],
                                                         "top": TOP.tolist(), "bottom": BOTTOM.tolist()}}]}})
     await send({{"type": "http.response.start", "status": 200,
@@ -85,9 +85,9 @@ sys.path.insert(0, {src!r})
 import numpy as np, orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from service.api.decoding import ImageLimits, load_image
+from service.bundle.intake import IntakeLimits, take
 from service.api.multipart import read_multipart
-LIMITS = ImageLimits(64, 8, 4096 * 4096, 1024 * 1024)
+LIMITS = IntakeLimits(64, 8, 4096 * 4096, 1024 * 1024)
 TOP, BOTTOM = np.zeros((8, 8), np.int64), np.zeros((16, 16), np.int64)
 app = FastAPI()
 
@@ -98,7 +98,7 @@ async def readyz():
 @app.post("/v1/encode")
 async def encode(request: Request):
     parts = await read_multipart(request.stream(), request.headers["content-type"], 80)
-    image = load_image(parts[0].data, "center_crop", LIMITS, "images[0]")
+    image = take(parts[0].data, "center_crop", LIMITS)[0]
     return Response(orjson.dumps({{"model": "x", "items": [{{"height": image.shape[0], "width": image.shape[1],
                     "top": TOP.tolist(), "bottom": BOTTOM.tolist()}}]}}), media_type="application/json")
 '''

@@ -50,6 +50,7 @@ from serve_load import start_server
 
 from service.bundle import DEFAULT_BUNDLE, Bundle
 from service.bundle.images import list_images
+from service.bundle.intake import IntakeLimits, max_image_pixels
 from service.jobs.files import ReadPolicy, cpu_count, load_files, stack
 from service.jobs.local import CPU_BATCH, Encoder, LocalConfig, run_local
 from service.jobs.shards import shard_files
@@ -76,10 +77,11 @@ def decode_alone(root: Path, paths: list[str], size: int, workers: int) -> tuple
     ctx = multiprocessing.get_context("forkserver")
     chunks = [paths[i:i + CHUNK] for i in range(0, len(paths), CHUNK)]
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-        list(pool.map(load_files, [str(root)] * workers, [paths[:1]] * workers, [size] * workers,
+        limits = IntakeLimits(size, max_pixels=max_image_pixels())
+        list(pool.map(load_files, [str(root)] * workers, [paths[:1]] * workers, [limits] * workers,
                       [ReadPolicy()] * workers))  # start every worker and import its modules
         t0 = time.perf_counter()
-        loaded = [x for chunk in pool.map(load_files, [str(root)] * len(chunks), chunks, [size] * len(chunks),
+        loaded = [x for chunk in pool.map(load_files, [str(root)] * len(chunks), chunks, [limits] * len(chunks),
                                           [ReadPolicy()] * len(chunks)) for x in chunk]
         seconds = time.perf_counter() - t0
     return len(paths) / seconds, stack(loaded, size)
@@ -110,7 +112,7 @@ def local_job(root: Path, out: Path, model: Path) -> dict:
 
 def http_job(root: Path, out: Path, model: Path) -> dict:
     from service.client import AsyncClient
-    from service.jobs.tokenize import JobConfig, run_job
+    from service.jobs.http_job import JobConfig, run_job
 
     shutil.rmtree(out, ignore_errors=True)
     proc, port = start_server(model, {})

@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from service.bundle.intake import REFUSALS
 from service.bundle.wire import grid_to_wire, parse_grid
 
 ImageInput = Image.Image | np.ndarray | bytes | str | Path
@@ -37,6 +38,11 @@ class VqtokError(Exception):
     def __init__(self, status: int, code: str, message: str, retry_after: float | None = None):
         super().__init__(f"{status} {code}: {message}")
         self.status, self.code, self.message, self.retry_after = status, code, message, retry_after
+
+    @property
+    def image_refused(self) -> bool:
+        """The service refused one of the images itself (``service.bundle.intake``): fix or skip that file."""
+        return self.code in REFUSALS
 
 
 class BadRequestError(VqtokError):  # 400: unreadable image, malformed JSON or multipart

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from service_support import png_bytes, run, serving
 
-from service.api.decoding import ImageLimits, load_image
 from service.bundle import Bundle
+from service.bundle.intake import IntakeLimits, take
 from service.client import AsyncClient
 from tests.conftest import random_images
 
@@ -31,8 +31,8 @@ def test_bits_and_fitted_input_through_the_client(tiny_bundle):
                 assert list(codes) == bundle.level_names  # bits is not taken for a level
                 (rec,) = await client.reconstruct(image, bits=True, include_input=True)
                 assert rec.bits == codes.bits
-                limits = ImageLimits(bundle.image_size, bundle.size_multiple, 4096 ** 2, 1024 ** 2)
-                fitted = load_image(png_bytes(image), "center_crop", limits, "x")
+                limits = IntakeLimits(bundle.image_size, bundle.size_multiple, 4096 ** 2, 1024 ** 2)
+                fitted = take(png_bytes(image), "center_crop", limits)[0]
                 np.testing.assert_array_equal(np.asarray(rec.input), fitted)
                 (bare,) = await client.reconstruct(image)
                 assert bare.bits is None and bare.input is None

@@ -17,10 +17,10 @@ from conftest import TINY_CODES, random_images, tiny_models
 from PIL import Image
 from service_support import ROOT, image_files, metric_value, png_bytes, run, serving, without_priors
 
-from service.api.decoding import load_image
 from service.api.demo import STATIC
 from service.bundle import Bundle
 from service.bundle.images import psnr
+from service.bundle.intake import take
 from service.runtime.backend import OrtBackend
 from service.runtime.session import RuntimeConfig
 
@@ -94,7 +94,7 @@ def test_reconstruct_answers_bits_and_the_fitted_input(tiny_bundle, backend):
             return app.state.vqtok.limits, rec["items"][0], enc["items"][0], plain["items"][0]
 
     limits, rec, enc, plain = run(main())
-    fitted = load_image(blob, "center_crop", limits, "x")
+    fitted = take(blob, "center_crop", limits)[0]
     shown = _pixels(rec["input"])
     assert np.array_equal(shown, fitted)
     assert rec["psnr"] == pytest.approx(float(psnr(shown, _pixels(rec["image"]))), abs=1e-9)

@@ -128,9 +128,9 @@ def test_small_sampling_batches_go_to_the_cpu_sampler(tiny_bundle, plain):
     calls = []
 
     class Counting(PriorSampler):
-        def sample(self, noise, temperature, top_k):
+        def sample(self, noise, temperature, top_k, should_stop):
             calls.append(len(next(iter(noise.values()))))
-            return super().sample(noise, temperature, top_k)
+            return super().sample(noise, temperature, top_k, should_stop)
 
     backend.cpu_sampler = Counting(backend.bundle, cfg=RuntimeConfig(device="cpu", intra_op_threads=1))
     for n in (1, 2, 3):

@@ -13,9 +13,9 @@ from service_support import eventually, metric_value, run, serving
 from test_service_batching import Recorder
 from test_service_errors import GOOD, Flaky
 
-from service.api.batcher import Batcher, BatcherConfig, _Job
 from service.api.config import Settings
 from service.bundle import Bundle
+from service.engine.batcher import Batcher, BatcherConfig, _Job
 from service.runtime import sampler as sampler_module
 from service.runtime.backend import OrtBackend
 from service.runtime.session import RuntimeConfig

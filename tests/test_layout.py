@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ALLOWED = {
     "service.bundle": set(),
     "service.runtime": {"service.bundle"},
-    "service.api": {"service.bundle", "service.runtime"},
+    "service.engine": {"service.bundle", "service.runtime"},
+    "service.api": {"service.bundle", "service.runtime", "service.engine"},
     "service.client": {"service.bundle"},
     "service.jobs": {"service.bundle", "service.runtime", "service.client"},
     "training": {"models", "service.bundle", "training"},
@@ -61,6 +62,67 @@ def test_packages_import_only_what_the_layout_allows():
                 if target != package and target not in allowed:
                     problems.append(f"{path.relative_to(ROOT)} imports {module}")
     assert not problems, "\n".join(problems)
+
+
+def _third_party(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_the_engine_speaks_no_http_and_the_api_holds_only_http():
+    """``service/engine/`` (batching, the workers layout) imports neither ``service.api`` nor any web
+    framework; ``service/api/`` stays small: HTTP only."""
+    web = {"fastapi", "starlette", "uvicorn", "httpx", "pydantic", "pydantic_settings", "python_multipart"}
+    problems = [f"{p.relative_to(ROOT)} imports {m}" for p in _modules("service.engine")
+                for m in _third_party(p) & web]
+    problems += [f"{p.relative_to(ROOT)} imports {m}" for p in _modules("service.engine")
+                 for m in _imports(p) if m.startswith("service.api")]
+    assert not problems, problems
+    lines = sum(len(p.read_text().splitlines()) for p in _modules("service.api"))
+    assert lines < 2000, f"service/api/ has {lines} lines"
+
+
+def test_both_engines_implement_the_one_protocol():
+    """The router calls ``InferenceEngine`` only; the in-process and the remote engine both implement it
+    with the same signatures (no attribute probing)."""
+    import inspect
+
+    from service.engine.engine import Engine
+    from service.engine.protocol import InferenceEngine
+    from service.engine.remote import RemoteEngine
+
+    members = [n for n in vars(InferenceEngine) if not n.startswith("_")] + list(InferenceEngine.__annotations__)
+    for cls in (Engine, RemoteEngine):
+        for name in members:
+            assert hasattr(cls, name) or name in inspect.signature(cls.__init__).parameters or \
+                name in _assigned_in_init(cls), (cls.__name__, name)
+            proto = getattr(InferenceEngine, name, None)
+            if callable(proto) and not isinstance(proto, property):
+                want = list(inspect.signature(proto).parameters)
+                assert list(inspect.signature(getattr(cls, name)).parameters) == want, (cls.__name__, name)
+
+
+def _assigned_in_init(cls) -> set[str]:
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls.__init__)))
+    return {t.attr for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets
+            if isinstance(t, ast.Attribute)}
+
+
+def test_one_intake_decides_which_images_are_refused():
+    """Pillow's open/decode errors are caught in ``service/bundle/intake.py`` only: no other module keeps
+    its own list of image exception types (they drifted apart before)."""
+    pillow_errors = ("UnidentifiedImageError", "DecompressionBombError")
+    offenders = [p.relative_to(ROOT).as_posix() for p in _modules("service")
+                 if any(e in p.read_text() for e in pillow_errors)]
+    assert offenders == ["service/bundle/intake.py"], offenders
 
 
 def test_training_imports_only_the_bundle_contract_of_the_service():

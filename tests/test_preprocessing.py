@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.api.decoding import ImageLimits, load_image
 from service.bundle.images import IMAGE_SUFFIXES, center_crop, list_images, psnr, thumbnail
+from service.bundle.intake import IntakeLimits, take
 
 SIZE = 64
 
@@ -40,8 +40,8 @@ def test_served_thumbnail_equals_training_thumbnail(tmp_path, width, height, ori
         (folder / f"p{i:02d}.jpg").write_bytes(data)
     source = FolderSource.build(folder, SIZE, val_fraction=0.5)
     held = source.heldout()
-    limits = ImageLimits(image_size=SIZE, multiple=8, max_pixels=4096 ** 2, max_native_pixels=1024 ** 2)
-    served = load_image(data, "center_crop", limits, "images[0]")
+    limits = IntakeLimits(image_size=SIZE, multiple=8, max_pixels=4096 ** 2, max_native_pixels=1024 ** 2)
+    served = take(data, "center_crop", limits)[0]
     assert served.shape == (SIZE, SIZE, 3) and held.shape[1:] == served.shape
     for thumb in held:
         np.testing.assert_array_equal(thumb, served)
@@ -81,25 +81,3 @@ def test_one_suffix_set(tmp_path):
     split = split_source(str(tmp_path), val_fraction=0.5)
     found = {p.relative_to(tmp_path).as_posix() for p in split.train_files + split.heldout_files}
     assert found == set(listed)
-
-
-@pytest.mark.parametrize("fmt", ["ICO", "PSD"])
-def test_jobs_refuse_what_the_service_refuses_with_the_same_status_and_code(fmt):
-    """A refused format under an image's name (say a PSD saved as .png) is 415 in the folder jobs too."""
-    from service.api.errors import ApiError
-    from service.jobs.files import FileRefused, preprocess
-
-    if fmt == "ICO":
-        buf = io.BytesIO()
-        Image.new("RGB", (16, 16)).save(buf, format="ICO")
-        blob = buf.getvalue()
-    else:
-        blob = b"8BPS\x00\x01" + b"\x00" * 64
-    limits = ImageLimits(image_size=SIZE, multiple=8, max_pixels=4096 ** 2, max_native_pixels=1024 ** 2)
-    with pytest.raises(ApiError) as served:
-        load_image(blob, "center_crop", limits, "images[0]")
-    with pytest.raises(FileRefused) as job:
-        preprocess(blob, SIZE)
-    assert (job.value.status, job.value.code) == (served.value.status, served.value.code) == (415,
-                                                                                               "unsupported_image_format")
-    assert fmt in job.value.message

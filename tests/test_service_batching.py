@@ -10,9 +10,9 @@ import pytest
 from conftest import random_images
 from service_support import eventually, image_files, metric_value, png_bytes, run, serving
 
-from service.api.batcher import Batcher, BatcherConfig
-from service.api.errors import InferenceFailed, NotReady, Overloaded, PayloadTooLarge
 from service.bundle import Bundle
+from service.engine.batcher import Batcher, BatcherConfig
+from service.engine.errors import BackendFailed, NotServing, Overloaded, TooLarge
 from service.runtime.backend import OrtBackend
 from service.runtime.session import RuntimeConfig
 
@@ -88,7 +88,7 @@ def test_streams_run_batches_at_once_and_stop_fails_the_running_ones():
         running = asyncio.ensure_future(b.run(["x"]))
         await asyncio.to_thread(held.entered.wait, 30)
         await b.stop()
-        with pytest.raises(NotReady):
+        with pytest.raises(NotServing):
             await running
         held.gate.set()
 
@@ -125,10 +125,10 @@ def test_exceptions_fail_only_their_batch_and_limits_are_enforced():
 
     async def main():
         b = await _started(fn, max_batch=2, queue_limit=3)
-        with pytest.raises(InferenceFailed):
+        with pytest.raises(BackendFailed):
             await b.run(["boom"])
         assert await b.run(["ok"]) == [("done", "ok")]
-        with pytest.raises(PayloadTooLarge):  # can never fit: more items than the queue holds
+        with pytest.raises(TooLarge):  # can never fit: more items than the queue holds
             await b.run(["a", "b", "c", "d"])
         fn.gate.clear()
         running = asyncio.ensure_future(b.run(["r"]))

@@ -15,8 +15,9 @@ from tokenize_support import read_shards as _shards
 
 from service.bundle import Bundle
 from service.client import AsyncClient
+from service.jobs.http_job import JobConfig, run_job
 from service.jobs.retry import Backoff
-from service.jobs.tokenize import JobAborted, JobConfig, finished_paths, run_job
+from service.jobs.shards import JobAborted, finished_paths
 from service.runtime.backend import OrtBackend
 from service.runtime.session import RuntimeConfig
 

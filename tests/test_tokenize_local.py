@@ -16,9 +16,9 @@ from tokenize_support import by_path, errors, folder
 
 from service.bundle import Bundle
 from service.client import AsyncClient
+from service.jobs.http_job import JobConfig, run_job
 from service.jobs.local import LocalConfig, run_local
 from service.jobs.retry import Backoff
-from service.jobs.tokenize import JobConfig, run_job
 from service.runtime.backend import OrtBackend
 from service.runtime.session import RuntimeConfig
 

@@ -20,14 +20,14 @@ from conftest import random_images
 from service_support import png_bytes, run, serving
 from tokenize_support import by_path, errors, folder
 
-import service.jobs.tokenize as http_job
 from service.bundle import Bundle
+from service.bundle.intake import IntakeLimits
 from service.client import AsyncClient
-from service.jobs import files, records
+from service.jobs import files, http_job, records, tokenize
+from service.jobs.http_job import JobConfig, run_job
 from service.jobs.local import LocalConfig, run_local
 from service.jobs.retry import Backoff
 from service.jobs.shards import BundleMismatch, JobOutput, OutputLocked, ShardWriter, WriteFailed, shard_files
-from service.jobs.tokenize import JobConfig, run_job
 from service.runtime.backend import OrtBackend
 from service.runtime.session import RuntimeConfig
 
@@ -112,7 +112,7 @@ def test_too_many_open_files_is_retried_not_recorded(root, tmp_path, tiny_bundle
     assert "img1.png" in by_path(tmp_path / "out") and "img1.png" not in errors(tmp_path / "out")
     # The decode pool's loader does the same.
     calls[0] = 0
-    loaded = files.load_file(root, "img1.png", 32, files.ReadPolicy())
+    loaded = files.load_file(root, "img1.png", IntakeLimits(32), files.ReadPolicy())
     assert loaded.pixels is not None and calls[0] == 3
 
 
@@ -123,7 +123,7 @@ def test_a_read_error_that_persists_is_deferred_to_the_next_run(root, tmp_path, 
     report = http(tiny_bundle, backend, cfg)
     assert (report.encoded, report.failed, report.deferred) == (5, 2, 1)
     assert "img1.png" not in errors(out) and "img1.png" not in by_path(out)
-    assert http_job._finish(report, out) == 3  # the CLI exits 3: rerun to pick it up
+    assert tokenize._finish(report, out) == 3  # the CLI exits 3: rerun to pick it up
     monkeypatch.undo()
     again = http(tiny_bundle, backend, cfg)
     assert (again.encoded, again.skipped, again.deferred) == (1, 7, 0)
@@ -150,7 +150,7 @@ def test_a_file_still_being_copied_is_judged_once_it_settles(root, tmp_path, tin
     # The local job's loader (run by the decode pool) waits the same way.
     late.write_bytes(whole[: len(whole) // 3])
     waits.clear()
-    assert files.load_file(root, "late.png", 32, files.ReadPolicy()).pixels is not None and len(waits) == 1
+    assert files.load_file(root, "late.png", IntakeLimits(32), files.ReadPolicy()).pixels is not None and len(waits) == 1
 
 
 # -- the bundle ---------------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def test_a_full_disk_stops_the_job_with_the_original_error(root, tmp_path, tiny_
     # The command line says what the OS said.
     args = Namespace(dir=root, out=out, local=True, ray=None, model=tiny_bundle, device="cpu", batch=None,
                      workers=1, shard_size=4096, parquet=False)
-    assert http_job.main(args) == 1
+    assert tokenize.main(args) == 1
     said = capsys.readouterr().out
     assert "No space left on device" in said and "shard-000000.npz" in said
 

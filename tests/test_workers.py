@@ -17,9 +17,9 @@ from conftest import TINY_SIZE, random_images
 from PIL import Image
 from service_support import image_files, metric_value, png_bytes, read_log, serve_process
 
-from service.api.shm import ALIGN, Slab, layout
 from service.bundle import Bundle
 from service.bundle.sampling import noise_for
+from service.engine.shm import ALIGN, Slab, layout
 from service.runtime.backend import OrtBackend
 from service.runtime.session import RuntimeConfig
 

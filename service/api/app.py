@@ -20,22 +20,23 @@ from pydantic.json_schema import models_json_schema
 from service.api.admission import PixelBudget, ReleaseTickets, WorkPool
 from service.api.auth import ApiKeyAuth, document_security
 from service.api.config import Settings
-from service.api.decoding import ImageLimits
 from service.api.demo import PAGE, demo, install_demo
-from service.api.engine import Engine
 from service.api.errors import install_handlers
-from service.api.metrics import Metrics
 from service.api.middleware import BodyGuard, BytesInFlight, RequestMetrics
 from service.api.router import EXTRA_SCHEMAS, health, v1
 from service.api.schemas import decode_example
 from service.api.state import ServiceState
 from service.bundle import Bundle
+from service.bundle.intake import IntakeLimits
+from service.engine.engine import Engine
+from service.engine.metrics import Metrics
+from service.engine.protocol import InferenceEngine
 from service.runtime.backend import Backend, OrtBackend
 from service.runtime.session import CUDA, RuntimeConfig
 
 log = logging.getLogger("vqtok.service")
 
-EngineFactory = Callable[[Backend, Settings, Metrics], Engine]
+EngineFactory = Callable[[Backend, Metrics], InferenceEngine]
 
 DESCRIPTION = """Image tokenizer: images to VQ-VAE-2 code grids and back, and samples from the priors.
 Requests are batched dynamically per operation; errors are always `{"error": {"code", "message"}}`."""
@@ -68,7 +69,7 @@ def model_info(state: ServiceState) -> dict[str, Any]:
         "provider": provider,
         "device": "cuda" if provider == CUDA else "cpu",
         "gpu": getattr(backend, "gpu_name", None),
-        "sampler": getattr(backend, "sampler_method", None),
+        "sampler": backend.sampler_method,
         "streams": state.engine.streams,
         "intra_op_threads": s.intra_op_threads,
         "limits": {"max_batch": state.engine.max_batch, "max_delay_ms": state.engine.max_delay_ms, "sample_max_batch": s.sample_max_batch,
@@ -111,8 +112,8 @@ def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None
     settings = settings or Settings()
     bundle = bundle or Bundle.load(settings.model_dir)
     metrics = Metrics()
-    limits = ImageLimits(bundle.image_size, bundle.size_multiple, settings.max_image_pixels,
-                         settings.max_native_pixels)
+    limits = IntakeLimits(bundle.image_size, bundle.size_multiple, settings.max_image_pixels,
+                          settings.max_native_pixels)
     pool = WorkPool(settings.decode_workers)
     budget = PixelBudget(settings.max_pixels_in_flight, settings.retry_after_s, metrics.pixels_in_flight)
     state = ServiceState(settings, bundle, metrics, limits, pool, budget, backend)
@@ -122,7 +123,8 @@ def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None
         if state.backend is None:
             state.backend = await asyncio.to_thread(load_backend, bundle, settings)
         metrics.watch_backend(state.backend)
-        state.engine = (engine_factory or Engine)(state.backend, settings, metrics)
+        factory = engine_factory or (lambda b, m: Engine(b, settings.engine_config(), m))
+        state.engine = factory(state.backend, metrics)
         state.engine.start()
         state.model_info = model_info(state)
         log.info("serving bundle %r from %s on %s (max batch %d, max delay %g ms, %d streams of %d ORT threads)",

@@ -13,6 +13,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.bundle import DEFAULT_BUNDLE
+from service.bundle.intake import MAX_IMAGE_PIXELS
+from service.engine.config import EngineConfig
 from service.runtime.session import CUDA
 
 
@@ -24,12 +26,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    # Batching. A batch closes at max_batch items or max_delay_ms after its oldest request arrived.
-    # Unset, they follow the provider. On CPU, where ORT's cost per image hardly depends on the
-    # batch size, a batch is simply what queued while the streams were busy (delay 0: no added
-    # latency at low load), capped at 8 because a bigger batch on one thread only makes its requests
-    # wait longer (bench/serve_load.py: same throughput, p99 -27 % at 32 clients). On CUDA, where
-    # batching pays: 2 ms and 32.
+    # Batching (service.engine.config.EngineConfig says what each means and how None follows the provider).
     max_batch: int | None = Field(None, ge=1)
     max_delay_ms: float | None = Field(None, ge=0)
     sample_max_batch: int = Field(64, ge=1)  # sampling batches the n of concurrent requests
@@ -45,7 +42,7 @@ class Settings(BaseSettings):
     # Limits. Pixels over max_image_pixels are refused before decoding (decompression bombs);
     # fit=none and decode work at native size, so they get the tighter max_native_pixels.
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1)
-    max_image_pixels: int = Field(4096 * 4096, ge=1)
+    max_image_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1)  # the folder jobs read the same setting
     max_native_pixels: int = Field(1024 * 1024, ge=1)
     max_items: int = Field(64, ge=1)
     # Admission in pixels: a request holds its pixels (header pixels while decoding, then its arrays
@@ -154,20 +151,12 @@ class Settings(BaseSettings):
             return self.workers
         return max(2, (os.cpu_count() or 1) - 2) if provider == CUDA else 1
 
-    def streams_for(self, provider: str) -> int:
-        """Batches each operation runs at once on an execution provider."""
-        if self.streams:
-            return self.streams
-        return 1 if provider == CUDA else os.cpu_count() or 1
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(max_batch=self.max_batch, max_delay_ms=self.max_delay_ms, streams=self.streams,
+                            queue_limit=self.queue_limit, retry_after_s=self.retry_after_s,
+                            sample_max_batch=self.sample_max_batch,
+                            naive_sample_max_batch=self.naive_sample_max_batch)
 
     def batch_size(self, provider: str) -> int:
-        """The max batch in effect for an execution provider."""
-        if self.max_batch is not None:
-            return self.max_batch
-        return 32 if provider == CUDA else 8
-
-    def batch_delay_ms(self, provider: str) -> float:
-        """The max delay in effect for an execution provider."""
-        if self.max_delay_ms is not None:
-            return self.max_delay_ms
-        return 2.0 if provider == CUDA else 0.0
+        """The max batch in effect for an execution provider (``EngineConfig`` holds the rule)."""
+        return self.engine_config().batch_size(provider)

@@ -1,4 +1,9 @@
-"""Every error leaves the service as ``{"error": {"code", "message"}}``, never as a stack trace."""
+"""Every error leaves the service as ``{"error": {"code", "message"}}``, never as a stack trace.
+
+This is the one place where errors become HTTP statuses: the HTTP layer's own ``ApiError``s carry
+theirs, and the domain errors of the core (``service.engine.errors``, ``service.bundle.intake``'s
+``ImageRefused``) are mapped here, by ``http_error``.
+"""
 from __future__ import annotations
 
 import logging
@@ -9,6 +14,9 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+
+from service.bundle.intake import ImageRefused
+from service.engine import errors as engine
 
 log = logging.getLogger("vqtok.service")
 
@@ -72,6 +80,25 @@ class ClientGone(ApiError):
     status, code = 499, "client_closed_request"
 
 
+# Engine errors -> statuses (the most specific class first: TooLarge is an InvalidRequest).
+ENGINE_STATUS: tuple[tuple[type[engine.EngineError], int], ...] = (
+    (engine.Overloaded, 503), (engine.NotServing, 503), (engine.DeadlineExceeded, 504), (engine.TooLarge, 413),
+    (engine.InvalidRequest, 422), (engine.Cancelled, 499), (engine.BackendFailed, 500), (engine.EngineError, 500))
+
+
+def http_error(exc: Exception) -> ApiError:
+    """A domain error as the ``ApiError`` the client gets; an ``ApiError`` as it is."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ImageRefused):  # its status is part of the contract (intake.REFUSALS)
+        return ApiError(exc.message, code=exc.code, status=exc.status)
+    if isinstance(exc, engine.EngineError):
+        status = next(s for cls, s in ENGINE_STATUS if isinstance(exc, cls))
+        headers = {"Retry-After": str(int(exc.retry_after_s))} if exc.retry_after_s is not None else None
+        return ApiError(exc.message, code=exc.code, status=status, headers=headers)
+    raise TypeError(f"not a domain error: {exc!r}")
+
+
 def error_body(code: str, message: str) -> dict:
     return {"error": {"code": code, "message": message}}
 
@@ -112,8 +139,11 @@ def unprocessable_from(exc: ValidationError) -> ApiError:
 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+    @app.exception_handler(ImageRefused)
+    @app.exception_handler(engine.EngineError)
+    async def _api_error(request: Request, exc: Exception) -> JSONResponse:
+        e = http_error(exc)
+        return error_response(e.status, e.code, e.message, e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

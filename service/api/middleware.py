@@ -9,7 +9,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import Overloaded, PayloadTooLarge, RequestTimeout, error_body
-from service.api.metrics import Metrics
+from service.engine.metrics import Metrics
 
 
 def route_path(scope: Scope) -> str:

@@ -7,31 +7,18 @@ routing, by ``service.auth.ApiKeyAuth``.) ``openapi_extra`` documents the bodies
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import secrets
-from collections.abc import Awaitable
-from typing import Any, TypeVar, get_args
+from typing import Any, get_args
 
 import numpy as np
 import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
-from service.api.decoding import Fit, Probe, decode_image, probe_image
-from service.api.engine import Codes, Engine, SampleItem
-from service.api.errors import (
-    ClientGone,
-    DeadlineExceeded,
-    PayloadTooLarge,
-    Unprocessable,
-    UnsupportedMediaType,
-    error_body,
-    unprocessable_from,
-)
-from service.api.multipart import read_multipart
+from service.api.call import CODE_BYTES, PNG_B64_BYTES_PER_PIXEL, Call
+from service.api.errors import PayloadTooLarge, Unprocessable, error_body
 from service.api.schemas import (
     DecodeRequest,
     DecodeResponse,
@@ -47,20 +34,10 @@ from service.api.schemas import (
 from service.api.state import ServiceState
 from service.bundle import Level
 from service.bundle.images import psnr, to_png
-from service.bundle.wire import GridFormat, check_range, grid_to_wire
+from service.bundle.intake import Fit
+from service.bundle.wire import GridFormat, Grids, check_range, grid_to_wire
+from service.engine.protocol import InferenceEngine, SampleItem
 from service.runtime.codelength import uniform_bits
-
-M = TypeVar("M", bound=BaseModel)
-
-# Decoding or PNG-encoding more pixels, or parsing more JSON, than this inline would stall the
-# event loop; beyond it, the work pool. Decided by header pixels, never by compressed bytes: a
-# 16 kB PNG can hold 4096x4096 solid pixels.
-INLINE_BYTES = 64 * 1024
-INLINE_PIXELS = 64 * 64 * 16
-# Upper bounds of an answer's size, checked before any work (VQTOK_MAX_RESPONSE_BYTES): a base64
-# PNG of incompressible pixels takes 4 bytes a pixel; a code in a JSON list up to 5 ("4095,").
-PNG_B64_BYTES_PER_PIXEL = 4
-CODE_BYTES = 5
 
 ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 408, 413, 415, 422, 500, 503, 504)}
 
@@ -136,149 +113,16 @@ def fast_json(body: dict[str, Any], status: int = 200) -> Response:
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
-def _unstoppable(stop, fn, *args):
-    return fn(*args)
-
-
-async def offload(st: ServiceState, heavy: bool, fn, *args):
-    """Run ``fn`` in the work pool when it is heavy, inline when a thread hop would cost more."""
-    return await st.pool.run(_unstoppable, fn, *args) if heavy else fn(*args)
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def unless_client_gone(request: Request, work: Awaitable[Any]) -> Any:
-    """Await ``work``, but cancel it (its jobs leave the queue) if the client disconnects first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()  # the client left (or we are being cancelled): drop the queued jobs
-    if not task.done() or task.cancelled():
-        raise ClientGone("the client closed the connection")
-    return task.result()
-
-
-async def within(request: Request, work: Awaitable[Any], deadline: float) -> Any:
-    """``unless_client_gone``, and 504 past the request's deadline."""
-    try:
-        async with asyncio.timeout_at(deadline):
-            return await unless_client_gone(request, work)
-    except TimeoutError:
-        raise DeadlineExceeded("the request did not finish within its deadline") from None
-
-
-def check_answer(st: ServiceState, nbytes: float, what: str) -> None:
-    limit = st.settings.max_response_bytes
-    if nbytes > limit:
-        raise PayloadTooLarge(f"{what}: the answer could take {int(nbytes)} bytes, over the limit of {limit} "
-                              "(VQTOK_MAX_RESPONSE_BYTES); send fewer or smaller items", code="response_too_large")
-
-
-# --- request bodies ----------------------------------------------------------------------------
-def _media_type(request: Request) -> str:
-    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-
-
-def _is_json(media_type: str) -> bool:
-    return media_type == "application/json" or media_type.endswith("+json")
-
-
-def _validate_json(stop, model: type[M], body: bytes) -> M:
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as e:
-        raise unprocessable_from(e) from None
-
-
-async def read_json(request: Request, model: type[M], st: ServiceState, limit: int | None = None) -> M:
-    """The body validated as ``model``: inline when small, in the work pool when large (a 32 MB list of
-    codes takes seconds to parse). ``limit`` caps the body tighter than the body limit (413)."""
-    if not _is_json(_media_type(request)):
-        raise UnsupportedMediaType(f"expected Content-Type application/json, got {_media_type(request) or 'none'!r}")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if limit is not None and len(body) > limit:
-            raise PayloadTooLarge(f"JSON body over {limit} bytes (VQTOK_MAX_JSON_BYTES); send code grids in the "
-                                  "compact b64 form, or fewer items per request")
-    if len(body) <= INLINE_BYTES:
-        return _validate_json(None, model, bytes(body))
-    return await st.pool.run(_validate_json, model, bytes(body))
-
-
-async def read_image_blobs(request: Request, st: ServiceState) -> list[bytes | bytearray]:
-    media_type, max_items = _media_type(request), st.settings.max_items
-    blobs: list[bytes | bytearray] = []
-    if media_type == "multipart/form-data":
-        parts = await read_multipart(request.stream(), request.headers["content-type"], max_items + 16)
-        for i, part in enumerate(p for p in parts if p.name == "images"):
-            if part.filename is None:
-                raise Unprocessable(f"images[{i}]: must be a file part (filename=...), not a text field")
-            blobs.append(part.data)
-    elif _is_json(media_type):
-        req = await read_json(request, EncodeJsonRequest, st)
-        for i, text in enumerate(req.images):
-            if text.startswith("data:") and "," in text:  # tolerate data URLs
-                text = text.split(",", 1)[1]
-            try:
-                blobs.append(base64.b64decode(text, validate=True))
-            except (binascii.Error, ValueError):
-                raise Unprocessable(f"images[{i}]: not valid base64", code="invalid_base64") from None
-    else:
-        raise UnsupportedMediaType("send images as multipart/form-data parts named 'images', or as "
-                                   f"application/json {{\"images\": [base64, ...]}}; got {media_type or 'none'!r}")
-    if not blobs:
-        raise Unprocessable("images: at least one image is required")
-    if len(blobs) > max_items:
-        raise PayloadTooLarge(f"{len(blobs)} images; at most {max_items} per request", code="too_many_items")
-    return blobs
-
-
-def decode_all(stop, probes: list[Probe], fit: Fit, st: ServiceState) -> list[np.ndarray]:
-    out = []
-    for p in probes:
-        if stop is not None and stop.is_set():  # the request was cancelled: no more decoding for it
-            raise ClientGone("the request was cancelled while its images were decoded")
-        out.append(decode_image(p, fit, st.limits))
-    return out
-
-
-async def read_images(request: Request, st: ServiceState, fit: Fit, deadline: float,
-                      answer_bytes_per_pixel: float, hold: int = 1) -> list[np.ndarray]:
-    """The request's images, decoded as admitted work: every header is checked first, the answer's
-    size bound too, then the request holds its pixels (``hold`` copies of the arrays: reconstruct
-    keeps its inputs and outputs) and decodes inline only when the header pixels are few."""
-    blobs = await read_image_blobs(request, st)
-    probes = [probe_image(b, fit, st.limits, f"images[{i}]") for i, b in enumerate(blobs)]
-    header = sum(p.pixels for p in probes)
-    arrays = sum(st.limits.output_pixels(p.pixels, fit) for p in probes)
-    check_answer(st, arrays * answer_bytes_per_pixel, f"{len(probes)} images")
-    ticket = st.budget.admit(request.scope, max(header, arrays * hold), f"{len(probes)} images")
-    if header <= INLINE_PIXELS:
-        images = decode_all(None, probes, fit, st)
-    else:
-        images = await within(request, st.pool.run(decode_all, probes, fit, st), deadline)
-    ticket.resize(arrays * hold, f"{len(probes)} images")
-    return images
-
-
-def decoded_pixels(st: ServiceState, codes: list[Codes]) -> int:
-    name, level = next(iter(st.bundle.levels.items()))
+def decoded_pixels(bundle, codes: list[Grids]) -> int:
+    name, level = next(iter(bundle.levels.items()))
     return sum(c[name].size * level.stride ** 2 for c in codes)
 
 
-def codes_per_pixel(st: ServiceState) -> float:
-    return sum(1 / lv.stride ** 2 for lv in st.bundle.levels.values())
+def codes_per_pixel(bundle) -> float:
+    return sum(1 / lv.stride ** 2 for lv in bundle.levels.values())
 
 
-def validate_codes(req: DecodeRequest, st: ServiceState) -> list[Codes]:
+def validate_codes(req: DecodeRequest, st: ServiceState) -> list[Grids]:
     if len(req.items) > st.settings.max_items:
         raise PayloadTooLarge(f"{len(req.items)} items; at most {st.settings.max_items} per request",
                               code="too_many_items")
@@ -289,7 +133,7 @@ def validate_codes(req: DecodeRequest, st: ServiceState) -> list[Codes]:
         if unknown:
             raise Unprocessable(f"items[{i}].{unknown[0]}: not a level of this bundle (its levels: "
                                 f"{', '.join(levels)})", code="invalid_request")
-        codes: Codes = {}
+        codes: Grids = {}
         size: tuple[int, int] | None = None
         first = None
         for name, level in levels.items():
@@ -321,37 +165,48 @@ def _finite(db: np.ndarray) -> float | None:
     return float(db) if np.isfinite(db) else None
 
 
-def bits_json(levels: dict[str, Level], codes: Codes, prior: dict[str, float] | None) -> dict[str, Any]:
+def bits_json(levels: dict[str, Level], codes: Grids, prior: dict[str, float] | None) -> dict[str, Any]:
     per_level = {name: {"uniform": uniform_bits(*codes[name].shape, level.codebook_size),
                         "prior": None if prior is None else prior[name]} for name, level in levels.items()}
     return {"uniform": sum(v["uniform"] for v in per_level.values()),
             "prior": None if prior is None else sum(prior.values()), "levels": per_level}
 
 
-async def prior_bits_if(asked: bool, engine: Engine, codes: list[Codes], deadline: float) -> list[Any]:
+async def prior_bits_if(asked: bool, engine: InferenceEngine, codes: list[Grids], deadline: float) -> list[Any]:
     """Per item, {level: bits} under the priors (their own batcher), or None when not asked or no priors."""
     prior = await engine.code_bits(codes, deadline) if asked else None
     return prior if prior is not None else [None] * len(codes)
 
 
-async def encode_scored(engine: Engine, images: list[np.ndarray], deadline: float,
-                        bits: bool) -> tuple[list[Codes], list[Any]]:
+async def encode_scored(call: Call, images: list[np.ndarray], bits: bool) -> tuple[list[Grids], list[Any]]:
+    codes = await call.engine.encode(images, call.deadline)
+    return codes, await prior_bits_if(bits, call.engine, codes, call.deadline)
+
+
+async def encode_decode(call: Call, images: list[np.ndarray], bits: bool
+                        ) -> tuple[list[Grids], list[np.ndarray], list[Any]]:
+    engine, deadline = call.engine, call.deadline
     codes = await engine.encode(images, deadline)
-    return codes, await prior_bits_if(bits, engine, codes, deadline)
+    if not bits:
+        return codes, await engine.decode(codes, deadline), [None] * len(codes)
+    # Decoding and scoring are separate batchers: run them at once.
+    recon, prior = await asyncio.gather(engine.decode(codes, deadline), prior_bits_if(True, engine, codes, deadline))
+    return codes, recon, prior
 
 
-def add_bits(items: list[dict[str, Any]], levels: dict[str, Level], codes: list[Codes], prior: list[Any]) -> None:
+def add_bits(items: list[dict[str, Any]], levels: dict[str, Level], codes: list[Grids], prior: list[Any]) -> None:
     for item, c, p in zip(items, codes, prior):
         item["bits"] = bits_json(levels, c, p)
 
 
-def encode_pngs(images: list[np.ndarray], level: int) -> list[str]:
-    return [base64.b64encode(to_png(im, level)).decode("ascii") for im in images]
-
-
-async def pngs_b64(images: list[np.ndarray], st: ServiceState) -> list[str]:
-    heavy = sum(im.shape[0] * im.shape[1] for im in images) > INLINE_PIXELS
-    return await offload(st, heavy, encode_pngs, images, st.settings.png_compress_level)
+def sample_items(req: SampleRequest, bundle) -> list[SampleItem]:
+    """The request's samples, its values checked here, before they join a batch: one bad value must
+    never fail its batch-mates."""
+    k_max = max(lv.codebook_size for lv in bundle.levels.values())
+    if req.top_k is not None and req.top_k > k_max:
+        raise Unprocessable(f"top_k: must be in 1..{k_max} (the codebook size), got {req.top_k}")
+    seed = req.seed if req.seed is not None else secrets.randbits(63)
+    return [SampleItem(seed, req.n, i, req.temperature, req.top_k or 0) for i in range(req.n)]
 
 
 # --- endpoints ---------------------------------------------------------------------------------
@@ -360,16 +215,14 @@ async def pngs_b64(images: list[np.ndarray], st: ServiceState) -> list[str]:
          summary="Images to code grids")
 async def encode(request: Request):
     fit, fmt, bits = FIT(request), GRID_FORMAT(request), BITS(request)
-    st = get_state(request)
-    engine = st.require_ready()
-    deadline = st.deadline()
-    images = await read_images(request, st, fit, deadline, CODE_BYTES * codes_per_pixel(st))
-    codes, prior = await unless_client_gone(request, encode_scored(engine, images, deadline, bits))
+    call = Call(request)
+    images = await call.images(fit, CODE_BYTES * codes_per_pixel(call.bundle))
+    codes, prior = await call.run(encode_scored(call, images, bits))
     items = [{"height": im.shape[0], "width": im.shape[1], **{k: grid_to_wire(g, fmt) for k, g in c.items()}}
              for im, c in zip(images, codes)]
     if bits:
-        add_bits(items, st.bundle.levels, codes, prior)
-    return fast_json({"model": st.bundle.name, "items": items})
+        add_bits(items, call.bundle.levels, codes, prior)
+    return fast_json({"model": call.bundle.name, "items": items})
 
 
 @v1.post("/decode", response_model=DecodeResponse, openapi_extra={"requestBody": _json_body(DecodeRequest)},
@@ -377,18 +230,14 @@ async def encode(request: Request):
                           "description": "JSON, or the PNG itself for one item with Accept: image/png"}},
          summary="Code grids to images")
 async def decode(request: Request):
-    st = get_state(request)
-    engine = st.require_ready()
-    deadline = st.deadline()
-    req = await read_json(request, DecodeRequest, st, st.settings.max_json_bytes)
-    codes = validate_codes(req, st)
-    pixels = decoded_pixels(st, codes)
-    check_answer(st, pixels * PNG_B64_BYTES_PER_PIXEL, f"{len(codes)} items")
-    st.budget.admit(request.scope, pixels, f"{len(codes)} decoded images")
-    images = await unless_client_gone(request, engine.decode(codes, deadline))
+    call = Call(request)
+    codes = validate_codes(await call.json(DecodeRequest, call.settings.max_json_bytes), call.state)
+    pixels = decoded_pixels(call.bundle, codes)
+    call.admit(pixels, pixels * PNG_B64_BYTES_PER_PIXEL, f"{len(codes)} decoded images")
+    images = await call.run(call.engine.decode(codes, call.deadline))
     if len(images) == 1 and "image/png" in request.headers.get("accept", ""):
-        return Response(to_png(images[0], st.settings.png_compress_level), media_type="image/png")
-    return fast_json({"model": st.bundle.name, "images": await pngs_b64(images, st)})
+        return Response(to_png(images[0], call.settings.png_compress_level), media_type="image/png")
+    return fast_json({"model": call.bundle.name, "images": await call.pngs(images)})
 
 
 @v1.post("/reconstruct", response_model=ReconstructResponse,
@@ -396,52 +245,31 @@ async def decode(request: Request):
          summary="Images through encode and decode, with PSNR")
 async def reconstruct(request: Request):
     fit, bits, include_input = FIT(request), BITS(request), INCLUDE_INPUT(request)
-    st = get_state(request)
-    engine = st.require_ready()
-    deadline = st.deadline()
-    images = await read_images(request, st, fit, deadline, PNG_B64_BYTES_PER_PIXEL * (2 if include_input else 1),
-                               hold=2)
-
-    async def both() -> tuple[list[Codes], list[np.ndarray], list[Any]]:
-        codes = await engine.encode(images, deadline)
-        if not bits:
-            return codes, await engine.decode(codes, deadline), [None] * len(codes)
-        # Decoding and scoring are separate batchers: run them at once.
-        recon, prior = await asyncio.gather(engine.decode(codes, deadline),
-                                            prior_bits_if(True, engine, codes, deadline))
-        return codes, recon, prior
-
-    codes, recon, prior = await unless_client_gone(request, both())
-    pngs = await pngs_b64(recon, st)
+    call = Call(request)
+    images = await call.images(fit, PNG_B64_BYTES_PER_PIXEL * (2 if include_input else 1), hold=2)
+    codes, recon, prior = await call.run(encode_decode(call, images, bits))
+    pngs = await call.pngs(recon)
     items = [{"height": a.shape[0], "width": a.shape[1], "image": png, "psnr": _finite(psnr(a, b))}
              for a, b, png in zip(images, recon, pngs)]
     if bits:
-        add_bits(items, st.bundle.levels, codes, prior)
+        add_bits(items, call.bundle.levels, codes, prior)
     if include_input:
-        for item, png in zip(items, await pngs_b64(images, st)):
+        for item, png in zip(items, await call.pngs(images)):
             item["input"] = png
-    return fast_json({"model": st.bundle.name, "items": items})
+    return fast_json({"model": call.bundle.name, "items": items})
 
 
 @v1.post("/sample", response_model=SampleResponse, openapi_extra={"requestBody": _json_body(SampleRequest)},
          summary="Sample images from the priors")
 async def sample(request: Request):
-    st = get_state(request)
-    engine = st.require_ready()
-    deadline = st.deadline()
-    req = await read_json(request, SampleRequest, st, st.settings.max_json_bytes)
-    # Checked here, before the request joins a batch: one bad value must never fail its batch-mates.
-    k_max = max(lv.codebook_size for lv in st.bundle.levels.values())
-    if req.top_k is not None and req.top_k > k_max:
-        raise Unprocessable(f"top_k: must be in 1..{k_max} (the codebook size), got {req.top_k}")
-    pixels = req.n * st.bundle.image_size ** 2
-    check_answer(st, pixels * PNG_B64_BYTES_PER_PIXEL, f"{req.n} samples")
-    st.budget.admit(request.scope, pixels, f"{req.n} samples")
-    seed = req.seed if req.seed is not None else secrets.randbits(63)
-    items = [SampleItem(seed, req.n, i, req.temperature, req.top_k or 0) for i in range(req.n)]
-    results = await unless_client_gone(request, engine.sample(items, deadline))
-    body: dict[str, Any] = {"model": st.bundle.name, "seed": seed,
-                            "images": await pngs_b64([im for im, _ in results], st), "codes": None}
+    call = Call(request)
+    req = await call.json(SampleRequest, call.settings.max_json_bytes)
+    items = sample_items(req, call.bundle)
+    pixels = req.n * call.bundle.image_size ** 2
+    call.admit(pixels, pixels * PNG_B64_BYTES_PER_PIXEL, f"{req.n} samples")
+    results = await call.run(call.engine.sample(items, call.deadline))
+    body: dict[str, Any] = {"model": call.bundle.name, "seed": items[0].seed,
+                            "images": await call.pngs([im for im, _ in results]), "codes": None}
     if req.return_codes:
         body["codes"] = [{k: grid_to_wire(g, req.format) for k, g in codes.items()} for _, codes in results]
     return fast_json(body)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -78,12 +79,27 @@ def serve(model_dir: str | Path | None = None, host: str | None = None, port: in
     # The graceful timeout covers the request timeout, so requests in flight at SIGTERM can finish;
     # beyond max_connections uvicorn answers 503 at once.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, workers=1, **uvicorn_options(settings))
-    server = uvicorn.Server(config)
+    server = SignalledServer(config)
     try:
         server.run()
-    except KeyboardInterrupt:  # uvicorn re-raises the signal that stopped it: SIGINT comes back here
+    except KeyboardInterrupt:  # uvicorn re-raises the signal that stopped it: SIGINT may come back here
+        return exit_now(130)
+    if server.stopped_by == signal.SIGINT:
+        # ...or not: the re-raised SIGINT reaches asyncio.run's own handler, which only cancels its main
+        # task, and a task that finishes first ends normally (seen on a busy machine: status 0).
         return exit_now(130)
     return exit_now(0 if server.started else 3)
+
+
+class SignalledServer(uvicorn.Server):
+    """uvicorn's server, remembering the first signal that stopped it (the exit status says which)."""
+
+    stopped_by: int | None = None
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = sig
+        super().handle_exit(sig, frame)
 
 
 def uvicorn_options(settings: Settings) -> dict:

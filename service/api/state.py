@@ -8,11 +8,11 @@ from typing import Any
 
 from service.api.admission import PixelBudget, WorkPool
 from service.api.config import Settings
-from service.api.decoding import ImageLimits
-from service.api.engine import Engine
 from service.api.errors import NotReady
-from service.api.metrics import Metrics
 from service.bundle import Bundle
+from service.bundle.intake import IntakeLimits
+from service.engine.metrics import Metrics
+from service.engine.protocol import InferenceEngine
 from service.runtime.backend import Backend
 
 log = logging.getLogger("vqtok.service")
@@ -23,24 +23,23 @@ class ServiceState:
     settings: Settings
     bundle: Bundle
     metrics: Metrics
-    limits: ImageLimits
+    limits: IntakeLimits
     pool: WorkPool
     budget: PixelBudget
     backend: Backend | None = None
-    engine: Engine | None = None
+    engine: InferenceEngine | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     model_info: dict[str, Any] = field(default_factory=dict)
     last_problem: str | None = None
 
-    def require_ready(self) -> Engine:
+    def require_ready(self) -> InferenceEngine:
         if not self.ready.is_set() or self.engine is None:
             raise NotReady("the model is still warming up", headers={"Retry-After": str(self.settings.retry_after_s)})
         return self.engine
 
     def problem(self) -> str | None:
         """Why the service cannot serve right now although it was ready (a stuck or dead batcher)."""
-        check = getattr(self.engine, "problem", None)
-        problem = check(self.settings.batch_watchdog_s) if check is not None else None
+        problem = self.engine.problem(self.settings.batch_watchdog_s) if self.engine is not None else None
         if problem != self.last_problem:
             if problem is not None:
                 log.error("not ready: %s", problem)

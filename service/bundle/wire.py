@@ -13,6 +13,10 @@ from typing import Any, Literal
 import numpy as np
 
 GridFormat = Literal["list", "b64"]
+# Code grids in memory. One item's: level name -> int64 [h, w]; a batch's: level name -> int64 [B, h, w].
+# (The client's ``Codes`` is the public, per-item result type built on ``Grids``.)
+Grids = dict[str, np.ndarray]
+GridBatch = dict[str, np.ndarray]
 WIRE_DTYPE = "uint16"
 _LE_U16 = np.dtype("<u2")
 

@@ -10,8 +10,8 @@ runs out of file descriptors now and then. Neither is the file's fault, so neith
   been left alone that long (a copy in progress looks exactly like a truncated image).
 
 What still fails after the retries is *deferred*: neither encoded nor recorded, so a rerun tries
-it again. The preprocessing is the service's (``service.bundle.images``: JPEG draft mode, EXIF
-orientation, resize-and-crop), and refusals carry the status and code ``/v1/encode`` would answer.
+it again. Decoding and refusals are the service's own intake (``service.bundle.intake``), so a
+refused file carries the status and code ``/v1/encode`` answers for it.
 """
 from __future__ import annotations
 
@@ -22,13 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from service.bundle.images import ORIENTATION, center_crop, decode_rgb, open_image, refused_format
+from service.bundle.images import open_image
+from service.bundle.intake import ImageRefused, IntakeLimits, displayed_size, take
 from service.jobs.retry import Backoff
 
 TRANSIENT_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.EINTR, errno.EBUSY})
-_TRANSPOSED = frozenset({5, 6, 7, 8})  # EXIF orientations that swap width and height
 
 
 @dataclass(frozen=True)
@@ -42,15 +41,17 @@ class TransientReadError(OSError):
     """The file could not be read yet (still changing, too many open files): try again later."""
 
 
-class FileRefused(Exception):
-    """The file itself is bad; ``status`` and ``code`` are what ``/v1/encode`` answers for it."""
+@dataclass(frozen=True)
+class Refusal:
+    """Why a file is recorded in ``errors.jsonl``: an intake refusal (the status and code
+    ``/v1/encode`` answers for it), or ``unreadable_file`` (status 0) when it cannot be read at all."""
+    status: int
+    code: str
+    message: str
 
-    def __init__(self, status: int, code: str, message: str):
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-    def __reduce__(self):  # it travels back from the decode pool's processes
-        return FileRefused, (self.status, self.code, self.message)
+    @classmethod
+    def of(cls, e: ImageRefused) -> Refusal:
+        return cls(e.status, e.code, e.message)
 
 
 @dataclass(frozen=True)
@@ -97,59 +98,13 @@ def read_file(path: Path, policy: ReadPolicy) -> tuple[bytes, Stamp]:
     raise TransientReadError(f"{path.name}: still failing after {policy.retries} retries: {last}")
 
 
-def source_size(im: Image.Image) -> tuple[int, int]:
-    """(height, width) of an opened image as displayed, EXIF orientation applied (header only)."""
-    w, h = im.size
-    try:
-        transposed = im.getexif().get(ORIENTATION, 1) in _TRANSPOSED
-    except Exception:  # noqa: BLE001 - decode_rgb ignores a broken EXIF block too
-        transposed = False
-    return (w, h) if transposed else (h, w)
-
-
 def header_size(data: bytes) -> tuple[int, int]:
-    """``source_size`` from a file's bytes; (0, 0) if the header cannot be read."""
+    """The source (height, width) from a file's bytes; (0, 0) if the header cannot be read."""
     try:
         with open_image(data) as im:
-            return source_size(im)
+            return displayed_size(im)
     except Exception:  # noqa: BLE001 - only called for files the service already accepted
         return 0, 0
-
-
-def preprocess(data: bytes, image_size: int, max_pixels: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """What ``/v1/encode?fit=center_crop`` feeds the model, and the source (height, width).
-
-    Refusals mirror ``service.api.decoding.load_image``: the same status and code for the same file.
-    ``max_pixels`` None leaves the limit to Pillow's own decompression-bomb check.
-    """
-    if not data:
-        raise FileRefused(400, "invalid_image", "empty file")
-    refused = refused_format(data)
-    if refused:
-        raise FileRefused(415, "unsupported_image_format", f"{refused} images are not accepted")
-    try:
-        im = open_image(data)
-    except Image.DecompressionBombError as e:
-        raise FileRefused(413, "too_many_pixels", str(e)) from None
-    except UnidentifiedImageError:
-        raise FileRefused(400, "invalid_image", "not an image in a format we can read") from None
-    except Exception as e:  # noqa: BLE001 - PIL raises many types on malformed headers
-        raise FileRefused(400, "invalid_image", f"cannot read the image ({type(e).__name__})") from None
-    with im:
-        w, h = im.size
-        if max_pixels is not None and w * h > max_pixels:
-            raise FileRefused(413, "too_many_pixels", f"{w}x{h} exceeds the limit of {max_pixels} pixels")
-        if w == 0 or h == 0:
-            raise FileRefused(400, "invalid_image", "image has no pixels")
-        size = source_size(im)
-        try:
-            pixels = center_crop(decode_rgb(im, thumbnail=image_size), image_size)
-        except Image.DecompressionBombError as e:
-            raise FileRefused(413, "too_many_pixels", str(e)) from None
-        except Exception as e:  # noqa: BLE001 - truncated or corrupt data
-            raise FileRefused(400, "invalid_image",
-                              f"cannot decode the image ({type(e).__name__}: {str(e)[:100]})") from None
-    return pixels, size
 
 
 def still_settling(path: Path, stamp: Stamp, policy: ReadPolicy) -> bool:
@@ -176,12 +131,13 @@ class Loaded:
     path: str
     pixels: np.ndarray | None = None
     size: tuple[int, int] = (0, 0)
-    refusal: FileRefused | None = None
+    refusal: Refusal | None = None
     transient: str | None = None
 
 
-def load_file(root: Path, rel: str, image_size: int, policy: ReadPolicy, max_pixels: int | None = None) -> Loaded:
-    """Read and preprocess one file, with the retries above. Runs in the decode pool's processes."""
+def load_file(root: Path, rel: str, limits: IntakeLimits, policy: ReadPolicy) -> Loaded:
+    """Read and take in one file (``service.bundle.intake``: what ``/v1/encode`` does), with the retries
+    above. Runs in the decode pool's processes and Ray tasks."""
     path = root / rel
     for _ in range(policy.retries + 1):
         try:
@@ -189,20 +145,19 @@ def load_file(root: Path, rel: str, image_size: int, policy: ReadPolicy, max_pix
         except TransientReadError as e:
             return Loaded(rel, transient=str(e))
         except OSError as e:
-            return Loaded(rel, refusal=FileRefused(0, "unreadable_file", str(e)))
+            return Loaded(rel, refusal=Refusal(0, "unreadable_file", str(e)))
         try:
-            pixels, size = preprocess(data, image_size, max_pixels)
+            pixels, size = take(data, "center_crop", limits)
             return Loaded(rel, pixels=pixels, size=size)
-        except FileRefused as e:
+        except ImageRefused as e:
             if not still_settling(path, stamp, policy):
-                return Loaded(rel, refusal=e)
+                return Loaded(rel, refusal=Refusal.of(e))
     return Loaded(rel, transient=f"{rel} kept changing; left for a rerun")
 
 
-def load_files(root: str, rels: list[str], image_size: int, policy: ReadPolicy,
-               max_pixels: int | None = None) -> list[Loaded]:
+def load_files(root: str, rels: list[str], limits: IntakeLimits, policy: ReadPolicy) -> list[Loaded]:
     """``load_file`` over a chunk: one task for the pool, so per-task overhead is paid per chunk."""
-    return [load_file(Path(root), rel, image_size, policy, max_pixels) for rel in rels]
+    return [load_file(Path(root), rel, limits, policy) for rel in rels]
 
 
 def stack(loaded: list[Loaded], image_size: int) -> np.ndarray:

@@ -1,7 +1,7 @@
 """``vqtok tokenize DIR --out OUT --local``: the folder job with ONNX Runtime in this process, no HTTP.
 
 A pool of processes reads and decodes the files (``service.jobs.files.load_files``: the service's
-own preprocessing, JPEG draft mode included), in chunks, ahead of the encoder; the main process
+own intake, JPEG draft mode and pixel limit included), in chunks, ahead of the encoder; the main process
 gathers the pixels into batches and runs the encoder on ``streams`` batches at once, then
 hands the codes to the same ``JobOutput`` the HTTP job writes to (shards, errors.jsonl, resume,
 lock, bundle check). Decoding and encoding overlap: while a batch is in ONNX Runtime (which
@@ -25,6 +25,7 @@ import numpy as np
 
 from service.bundle import DEFAULT_BUNDLE, ENCODER, Bundle
 from service.bundle.images import list_images
+from service.bundle.intake import IntakeLimits, max_image_pixels
 from service.jobs.files import Loaded, ReadPolicy, cpu_count, load_files, stack
 from service.jobs.progress import progress_bar
 from service.jobs.records import BundleId, Encoded
@@ -46,7 +47,7 @@ class LocalConfig:
     chunk: int = 32  # files per decode task (amortises the pool's per-task cost)
     shard_size: int = 4096
     parquet: bool = False
-    max_pixels: int | None = None  # None: Pillow's own decompression-bomb limit
+    max_pixels: int = field(default_factory=max_image_pixels)  # the service's limit (VQTOK_MAX_IMAGE_PIXELS)
     read: ReadPolicy = field(default_factory=ReadPolicy)
 
     @classmethod
@@ -104,6 +105,7 @@ def run_local(cfg: LocalConfig, progress: bool = False) -> JobReport:
         prefetch = max(2 * workers, (encoder.streams + 1) * batch // cfg.chunk + 1)
         # forkserver: workers never inherit ONNX Runtime's threads (fork after threads start can deadlock).
         ctx = multiprocessing.get_context("forkserver")
+        limits = IntakeLimits(bundle.image_size, max_pixels=cfg.max_pixels)
         with (ProcessPoolExecutor(workers, mp_context=ctx) as pool, ThreadPoolExecutor(encoder.streams) as streams,
               progress_bar(len(todo), progress, f"tokenize (local, {encoder.device})") as bar):
             decoding: deque[Future[list[Loaded]]] = deque()
@@ -112,8 +114,7 @@ def run_local(cfg: LocalConfig, progress: bool = False) -> JobReport:
 
             def top_up() -> None:
                 while len(decoding) < prefetch and (chunk := next(chunks, None)) is not None:
-                    decoding.append(pool.submit(load_files, str(cfg.root), chunk, bundle.image_size, cfg.read,
-                                                cfg.max_pixels))
+                    decoding.append(pool.submit(load_files, str(cfg.root), chunk, limits, cfg.read))
 
             def encode(items: list[Loaded]) -> Encoded:
                 return Encoded([x.path for x in items], np.array([x.size for x in items], np.int32),

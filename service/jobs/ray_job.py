@@ -24,6 +24,7 @@ import numpy as np
 
 from service.bundle import DEFAULT_BUNDLE, Bundle
 from service.bundle.images import list_images
+from service.bundle.intake import IntakeLimits, max_image_pixels
 from service.jobs.files import ReadPolicy, load_files
 from service.jobs.local import Encoder
 from service.jobs.progress import progress_bar
@@ -43,7 +44,7 @@ class RayConfig:
     chunk: int = 32  # files per decode task
     shard_size: int = 4096
     parquet: bool = False
-    max_pixels: int | None = None
+    max_pixels: int = field(default_factory=max_image_pixels)  # the service's limit (VQTOK_MAX_IMAGE_PIXELS)
     read: ReadPolicy = field(default_factory=ReadPolicy)
 
     @classmethod
@@ -53,11 +54,11 @@ class RayConfig:
                    actors=args.workers or 0, shard_size=args.shard_size, parquet=args.parquet)
 
 
-def decode_batch(batch: dict[str, np.ndarray], root: str, image_size: int, policy: ReadPolicy,
-                 max_pixels: int | None) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], root: str, limits: IntakeLimits,
+                 policy: ReadPolicy) -> dict[str, np.ndarray]:
     """Ray task: paths -> pixels (zeros where a file failed) plus each file's outcome."""
-    loaded = load_files(root, [str(p) for p in batch["path"]], image_size, policy, max_pixels)
-    blank = np.zeros((image_size, image_size, 3), np.uint8)
+    loaded = load_files(root, [str(p) for p in batch["path"]], limits, policy)
+    blank = np.zeros((limits.image_size, limits.image_size, 3), np.uint8)
     return {
         "path": batch["path"],
         "pixels": np.stack([x.pixels if x.pixels is not None else blank for x in loaded]),
@@ -121,8 +122,8 @@ def run_ray(cfg: RayConfig, progress: bool = False) -> JobReport:
             return output.report
         ds = (ray.data.from_items([{"path": p} for p in todo])
               .map_batches(decode_batch, batch_size=cfg.chunk, batch_format="numpy",
-                           fn_kwargs={"root": root, "image_size": bundle.image_size, "policy": cfg.read,
-                                      "max_pixels": cfg.max_pixels})
+                           fn_kwargs={"root": root, "policy": cfg.read,
+                                      "limits": IntakeLimits(bundle.image_size, max_pixels=cfg.max_pixels)})
               .map_batches(EncodeActor, batch_size=cfg.batch, batch_format="numpy",
                            fn_constructor_kwargs={"model": model, "device": cfg.device},
                            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpus else 0))

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import Protocol
@@ -20,9 +20,10 @@ import onnxruntime as ort
 
 from service.bundle import DECODER, ENCODER, Bundle, BundleError, prior_graph
 from service.bundle.sampling import noise_for
+from service.bundle.wire import GridBatch
 from service.runtime.buckets import bucket_for, buckets_up_to, pad_rows
 from service.runtime.codelength import prior_bits
-from service.runtime.sampler import PriorSampler
+from service.runtime.sampler import PriorSampler, never
 from service.runtime.session import (
     CUDA,
     DeviceUnavailable,
@@ -35,7 +36,6 @@ from service.runtime.session import (
 
 log = logging.getLogger("vqtok.runtime")
 
-Codes = dict[str, np.ndarray]  # level name -> int64 grids
 
 
 class Backend(Protocol):
@@ -45,16 +45,23 @@ class Backend(Protocol):
     @property
     def can_sample(self) -> bool: ...
 
-    def encode(self, images: np.ndarray) -> Codes:
+    @property
+    def sampler_method(self) -> str | None:
+        """"cached", "naive", or None without priors."""
+
+    def encode(self, images: np.ndarray) -> GridBatch:
         """uint8 [B, H, W, 3] -> {level: int64 [B, H/stride, W/stride]}."""
 
-    def decode(self, codes: Codes) -> np.ndarray:
+    def decode(self, codes: GridBatch) -> np.ndarray:
         """{level: int64 grids} -> uint8 [B, H, W, 3]."""
 
-    def sample(self, noise: dict[str, np.ndarray], temperature: np.ndarray, top_k: np.ndarray) -> Codes:
-        """Per-sample noise {level: [B, h, w, K]}, temperature [B], top_k [B] -> {level: int64 code grids}."""
+    def sample(self, noise: dict[str, np.ndarray], temperature: np.ndarray, top_k: np.ndarray,
+               should_stop: Callable[[], bool] = never) -> GridBatch:
+        """Per-sample noise {level: [B, h, w, K]}, temperature [B], top_k [B] -> {level: int64 code grids}.
 
-    def code_bits(self, codes: Codes) -> dict[str, np.ndarray]:
+        ``should_stop`` is asked before every row; true stops the loop (``SamplingStopped``)."""
+
+    def code_bits(self, codes: GridBatch) -> dict[str, np.ndarray]:
         """{level: int64 grids [B, h, w]} -> {level: float64 [B]}, each item's code length under the priors."""
 
     def warmup(self) -> None:
@@ -126,7 +133,7 @@ class OrtBackend:
         return self.sampler.method if self.sampler else None
 
     # -- the operations, padded to a bucket when buckets are on --------------------------------
-    def encode(self, images: np.ndarray) -> Codes:
+    def encode(self, images: np.ndarray) -> GridBatch:
         n = len(images)
         if self.buckets:
             self._warm_size("encode", images.shape[1:3], self._encode_zeros)
@@ -135,7 +142,7 @@ class OrtBackend:
             outs = sess.run(None, {"images": images})
         return {name: out[:n] for name, out in zip(self._enc_out, outs)}
 
-    def decode(self, codes: Codes) -> np.ndarray:
+    def decode(self, codes: GridBatch) -> np.ndarray:
         feeds = {name: codes[name] for name in self._dec_in}
         n = len(next(iter(feeds.values())))
         if self.buckets:
@@ -156,23 +163,24 @@ class OrtBackend:
             with self._running_lock:
                 self._running -= 1
 
-    def sample(self, noise: dict[str, np.ndarray], temperature: np.ndarray, top_k: np.ndarray) -> Codes:
+    def sample(self, noise: dict[str, np.ndarray], temperature: np.ndarray, top_k: np.ndarray,
+               should_stop: Callable[[], bool] = never) -> GridBatch:
         if self.sampler is None:
             raise RuntimeError("this bundle has no priors")
         n = len(next(iter(noise.values())))
         if self.cpu_sampler is not None and n <= self.cfg.cpu_sample_max:
-            self.cpu_sampler.should_stop = self.sampler.should_stop  # the batch's stop hook, set by the engine
-            return self.cpu_sampler.sample(noise, temperature, top_k)
+            return self.cpu_sampler.sample(noise, temperature, top_k, should_stop)
         if not self.buckets:
-            return self.sampler.sample(noise, temperature, top_k)
+            return self.sampler.sample(noise, temperature, top_k, should_stop)
         rows = bucket_for(n)
         # Padded samples get zero noise, temperature 1 and no top-k: any valid values would do.
         codes = self.sampler.sample({k: pad_rows(v, rows) for k, v in noise.items()},
                                     pad_rows(np.broadcast_to(np.asarray(temperature, np.float32), (n,)), rows, 1.0),
-                                    pad_rows(np.broadcast_to(np.asarray(top_k, np.int64), (n,)), rows, 0))
+                                    pad_rows(np.broadcast_to(np.asarray(top_k, np.int64), (n,)), rows, 0),
+                                    should_stop)
         return {k: v[:n] for k, v in codes.items()}
 
-    def code_bits(self, codes: Codes) -> dict[str, np.ndarray]:
+    def code_bits(self, codes: GridBatch) -> dict[str, np.ndarray]:
         if self.sampler is None:
             raise RuntimeError("this bundle has no priors")
         return prior_bits(self.bundle, self.sessions, codes)

@@ -13,8 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.bundle import Bundle, prior_graph
-
-Codes = dict[str, np.ndarray]  # level name -> int64 [B, h, w]
+from service.bundle.wire import GridBatch
 
 
 def nll_bits(logits: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -26,7 +25,7 @@ def nll_bits(logits: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return (log_z - picked).reshape(len(codes), -1).sum(axis=1) / math.log(2)
 
 
-def prior_bits(bundle: Bundle, sessions: dict[str, ort.InferenceSession], codes: Codes) -> Codes:
+def prior_bits(bundle: Bundle, sessions: dict[str, ort.InferenceSession], codes: GridBatch) -> dict[str, np.ndarray]:
     """{level: bits per item [B]} for a batch of code grids, one prior pass per level."""
     out = {}
     for level in bundle.level_names:

@@ -28,6 +28,11 @@ from service.bundle import Bundle, BundleError, prior_graph
 from service.bundle.sampling import cache_zeros, pick_codes
 from service.runtime.session import CUDA, RuntimeConfig, cuda_device_id, open_session
 
+
+def never() -> bool:
+    """The default ``should_stop``: run to the end."""
+    return False
+
 METHODS = ("cached", "naive")
 Visit = Callable[[int, int, np.ndarray], np.ndarray]
 
@@ -162,8 +167,6 @@ class PriorSampler:
         for name in self.levels:
             for graph in self._graphs(name):
                 self.session(graph)
-        # Set to stop a running loop at its next row (a cancelled request, a shutdown).
-        self.should_stop: Callable[[], bool] = lambda: False
 
     def _graphs(self, level: str) -> list[str]:
         if self.method == "naive":
@@ -179,9 +182,12 @@ class PriorSampler:
             self.sessions[graph] = open_session(self.bundle.path(graph), self.cfg)
         return self.sessions[graph]
 
-    def sample(self, noise: dict[str, np.ndarray], temperature: np.ndarray, top_k: np.ndarray
-               ) -> dict[str, np.ndarray]:
-        """{level: int64 codes [n, h, w]} from per-level noise [n, h, w, K] (``noise_for``)."""
+    def sample(self, noise: dict[str, np.ndarray], temperature: np.ndarray, top_k: np.ndarray,
+               should_stop: Callable[[], bool] = never) -> dict[str, np.ndarray]:
+        """{level: int64 codes [n, h, w]} from per-level noise [n, h, w, K] (``noise_for``).
+
+        ``should_stop`` is asked before every row; when it turns true (nobody waits for this batch any
+        more: cancelled requests, a shutdown) the loop raises ``SamplingStopped``."""
         n = next(iter(noise.values())).shape[0]
         temperature = np.ascontiguousarray(np.broadcast_to(np.asarray(temperature, dtype=np.float32), (n,)))
         top_k = np.ascontiguousarray(np.broadcast_to(np.asarray(top_k, dtype=np.int64), (n,)))
@@ -190,9 +196,9 @@ class PriorSampler:
             cond = out[self.levels[i - 1]] if i > 0 and self._conditioned(level) else None
             level_noise = self._check(level, noise.get(level), n)
             if self.method == "naive":
-                out[level] = self._naive(level, level_noise, temperature, top_k, cond)
+                out[level] = self._naive(level, level_noise, temperature, top_k, cond, should_stop)
             else:
-                out[level] = self._cached(level, level_noise, temperature, top_k, cond)
+                out[level] = self._cached(level, level_noise, temperature, top_k, cond, should_stop)
         return out
 
     def _check(self, level: str, noise: np.ndarray | None, n: int) -> np.ndarray:
@@ -208,7 +214,7 @@ class PriorSampler:
         return len(self.session(prior_graph(level)).get_inputs()) > 1
 
     def _naive(self, level: str, noise: np.ndarray, t: np.ndarray, k: np.ndarray,
-               cond: np.ndarray | None) -> np.ndarray:
+               cond: np.ndarray | None, should_stop: Callable[[], bool]) -> np.ndarray:
         sess = self.session(prior_graph(level))
         n, H, W, _ = noise.shape
         codes = np.zeros((n, H, W), dtype=np.int64)
@@ -217,7 +223,7 @@ class PriorSampler:
         if cond is not None:
             feeds[names[1]] = cond
         for i in range(H):
-            if self.should_stop():
+            if should_stop():
                 raise SamplingStopped(f"stopped at row {i} of the {level} grid")
             for j in range(W):
                 logits = sess.run(None, feeds)[0]
@@ -235,7 +241,7 @@ class PriorSampler:
         return "cpu", 0
 
     def _cached(self, level: str, noise: np.ndarray, t: np.ndarray, k: np.ndarray,
-                cond: np.ndarray | None) -> np.ndarray:
+                cond: np.ndarray | None, should_stop: Callable[[], bool]) -> np.ndarray:
         info = self.info[level]
         n, H, W, _ = noise.shape
         sessions = {g: self.session(g) for g in self._graphs(level)}
@@ -244,7 +250,7 @@ class PriorSampler:
                  else _BoundSteps(sessions, info, n, W, cond, device))
 
         def visit(i: int, j: int, logits: np.ndarray) -> np.ndarray:
-            if j == 0 and self.should_stop():
+            if j == 0 and should_stop():
                 raise SamplingStopped(f"stopped at row {i} of the {level} grid")
             return pick_codes(logits, noise[:, i, j], t, k)
 

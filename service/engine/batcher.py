@@ -31,8 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.api.errors import DeadlineExceeded, InferenceFailed, NotReady, Overloaded, PayloadTooLarge
-from service.api.metrics import Metrics, OpMetrics
+from service.engine.errors import BackendFailed, DeadlineExceeded, NotServing, Overloaded, TooLarge
+from service.engine.metrics import Metrics, OpMetrics
 
 log = logging.getLogger("vqtok.service")
 
@@ -110,7 +110,7 @@ class Batcher:
         for queue in self._queues.values():
             for job in queue:
                 if not job.future.done():
-                    job.future.set_exception(NotReady("the server is shutting down", code="shutting_down"))
+                    job.future.set_exception(NotServing("the server is shutting down", code="shutting_down"))
         self._queues.clear()
         self._counts.clear()
         self._set_depth(0)
@@ -124,18 +124,16 @@ class Batcher:
     async def run(self, items: Sequence[Any], deadline: float | None = None) -> list[Any]:
         """Results for ``items`` in order. ``deadline`` is a ``loop.time()`` value.
 
-        Raises PayloadTooLarge for a request that can never fit the queue, Overloaded when the
-        queue is full now, DeadlineExceeded past the deadline, InferenceFailed if its batch raised.
+        Raises TooLarge for a request that can never fit the queue, Overloaded when the queue is
+        full now, DeadlineExceeded past the deadline, BackendFailed if its batch raised.
         """
         if self._task is None:
-            raise NotReady("the server is not serving yet")
+            raise NotServing("the server is not serving yet")
         n = len(items)
         if n > self.config.queue_limit:
-            raise PayloadTooLarge(f"{n} items can never fit: the {self.name} queue holds at most "
-                                  f"{self.config.queue_limit}", code="too_many_items")
+            raise TooLarge(f"{n} items can never fit: the {self.name} queue holds at most {self.config.queue_limit}")
         if self._depth + n > self.config.queue_limit:
-            raise Overloaded(f"the {self.name} queue is full; retry later",
-                             headers={"Retry-After": str(self.config.retry_after_s)})
+            raise Overloaded(f"the {self.name} queue is full; retry later", retry_after_s=self.config.retry_after_s)
         groups: dict[Hashable, list[int]] = {}
         for i, item in enumerate(items):
             groups.setdefault(self.key(item), []).append(i)
@@ -256,11 +254,11 @@ class Batcher:
         try:
             await self._execute(jobs)
         except asyncio.CancelledError:  # shutting down mid-batch: nobody will set these results
-            _fail(jobs, NotReady("the server is shutting down", code="shutting_down"))
+            _fail(jobs, NotServing("the server is shutting down", code="shutting_down"))
             raise
         except Exception:  # a batch task must never leave its requests waiting
             log.exception("%s batcher: unexpected error", self.name)
-            _fail(jobs, InferenceFailed(f"{self.name} failed"))
+            _fail(jobs, BackendFailed(f"{self.name} failed"))
 
     async def _execute(self, jobs: list[_Job]) -> None:
         jobs = [job for job in jobs if not job.future.done()]  # cancelled while the batch formed
@@ -288,7 +286,7 @@ class Batcher:
             log.exception("%s batch of %d items failed", self.name, len(items))
             if self.metrics is not None:
                 self.metrics.batch_failures.inc()
-            _fail(jobs, InferenceFailed(f"{self.name} failed ({type(e).__name__})"))
+            _fail(jobs, BackendFailed(f"{self.name} failed ({type(e).__name__})"))
             return
         finally:
             if self.metrics is not None:

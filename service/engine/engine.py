@@ -1,51 +1,40 @@
-"""The operations (encode, decode, sample) as batchers over a backend.
+"""The in-process engine: the operations (encode, decode, sample, score) as batchers over a backend.
 
-Items are single images, single code-grid pairs or single samples; the batch functions here stack
+Items are single images, single items' code grids or single samples; the batch functions here stack
 them into tensors, call the backend once, and split the result back into items. Reconstruct is
 encode then decode, through the same two batchers.
 """
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 
-from service.api.batcher import Batcher, BatcherConfig
-from service.api.config import Settings
-from service.api.errors import NotReady
-from service.api.metrics import Metrics
 from service.bundle.sampling import noise_for
+from service.bundle.wire import GridBatch, Grids
+from service.engine.batcher import Batcher, BatcherConfig
+from service.engine.config import EngineConfig
+from service.engine.errors import NotServing
+from service.engine.metrics import Metrics
+from service.engine.protocol import SampleItem
 from service.runtime.backend import Backend
+from service.runtime.sampler import never
 
-Codes = dict[str, np.ndarray]  # level name -> int64 [h, w] (one item's grids)
-
-
-@dataclass(frozen=True)
-class SampleItem:
-    """One image of a sample request: its request's noise stream is (seed, n), and it is row ``index``."""
-
-    seed: int
-    n: int
-    index: int
-    temperature: float
-    top_k: int  # 0: no top-k
-
-
-def _never() -> bool:
-    return False
+SAMPLING_UNAVAILABLE = "this bundle has no priors, so it cannot sample"
 
 
 class Engine:
-    def __init__(self, backend: Backend, settings: Settings, metrics: Metrics | None = None):
+    """``InferenceEngine`` in this process."""
+
+    def __init__(self, backend: Backend, config: EngineConfig, metrics: Metrics | None = None):
         self.backend = backend
         self.levels = backend.bundle.level_names
-        self.max_delay_ms = settings.batch_delay_ms(backend.provider)
-        self.streams = settings.streams_for(backend.provider)
-        self.max_batch = settings.batch_size(backend.provider)
+        self.max_delay_ms = config.batch_delay_ms(backend.provider)
+        self.streams = config.streams_for(backend.provider)
+        self.max_batch = config.batch_size(backend.provider)
         delay = self.max_delay_ms / 1000.0
-        cfg = BatcherConfig(max_batch=self.max_batch, max_delay_s=delay, queue_limit=settings.queue_limit,
-                            retry_after_s=settings.retry_after_s, streams=self.streams)
+        cfg = BatcherConfig(max_batch=self.max_batch, max_delay_s=delay, queue_limit=config.queue_limit,
+                            retry_after_s=config.retry_after_s, streams=self.streams)
         self.encoder = Batcher("encode", self._encode_batch, _shape_key, cfg, metrics)
         self.decoder = Batcher("decode", self._decode_batch, _codes_key, cfg, metrics)
         self.sampler: Batcher | None = None
@@ -57,13 +46,17 @@ class Engine:
             # take 2.8x as long as 1, bench/results/sampling_1thread.json).
             # The naive sampler's batches stay small so that one cannot hold the loop for minutes; a
             # batch whose requests have all gone (cancelled, timed out) stops at its next row.
-            sample_batch = settings.sample_max_batch
-            if getattr(backend, "sampler_method", None) == "naive":
-                sample_batch = min(sample_batch, settings.naive_sample_max_batch)
+            sample_batch = config.sample_max_batch
+            if backend.sampler_method == "naive":
+                sample_batch = min(sample_batch, config.naive_sample_max_batch)
             sample_cfg = BatcherConfig(max_batch=sample_batch, max_delay_s=delay,
-                                       queue_limit=max(settings.queue_limit, settings.sample_max_batch),
-                                       retry_after_s=settings.retry_after_s, streams=1, stoppable=True)
+                                       queue_limit=max(config.queue_limit, config.sample_max_batch),
+                                       retry_after_s=config.retry_after_s, streams=1, stoppable=True)
             self.sampler = Batcher("sample", self._sample_batch, _same_key, sample_cfg, metrics)
+
+    @property
+    def can_sample(self) -> bool:
+        return self.sampler is not None
 
     @property
     def batchers(self) -> list[Batcher]:
@@ -81,41 +74,41 @@ class Engine:
         """The first batcher that cannot serve (its task ended, or a batch is past the watchdog)."""
         return next((p for p in (b.problem(watchdog_s) for b in self.batchers) if p), None)
 
-    # -- the API used by the router ------------------------------------------------------------
-    async def encode(self, images: list[np.ndarray], deadline: float | None) -> list[Codes]:
+    # -- InferenceEngine --------------------------------------------------------------------------
+    async def encode(self, images: list[np.ndarray], deadline: float | None) -> list[Grids]:
         return await self.encoder.run(images, deadline)
 
-    async def decode(self, codes: list[Codes], deadline: float | None) -> list[np.ndarray]:
+    async def decode(self, codes: list[Grids], deadline: float | None) -> list[np.ndarray]:
         return await self.decoder.run(codes, deadline)
 
-    async def sample(self, items: list[SampleItem], deadline: float | None) -> list[tuple[np.ndarray, Codes]]:
+    async def sample(self, items: list[SampleItem], deadline: float | None) -> list[tuple[np.ndarray, Grids]]:
         if self.sampler is None:
-            raise NotReady("this bundle has no priors, so it cannot sample", code="sampling_unavailable")
+            raise NotServing(SAMPLING_UNAVAILABLE, code="sampling_unavailable")
         return await self.sampler.run(items, deadline)
 
-    async def code_bits(self, codes: list[Codes], deadline: float | None) -> list[dict[str, float]] | None:
+    async def code_bits(self, codes: list[Grids], deadline: float | None) -> list[dict[str, float]] | None:
         """Each item's code length in bits per level under the learned priors; None without priors."""
         if self.scorer is None:
             return None
         return await self.scorer.run(codes, deadline)
 
     # -- batch functions (run in each batcher's thread) ----------------------------------------
-    def _encode_batch(self, images: list[np.ndarray]) -> list[Codes]:
+    def _encode_batch(self, images: list[np.ndarray]) -> list[Grids]:
         out = self.backend.encode(np.stack(images))
         return [{name: out[name][i] for name in self.levels} for i in range(len(images))]
 
-    def _stack(self, codes: list[Codes]) -> Codes:
+    def _stack(self, codes: list[Grids]) -> GridBatch:
         return {name: np.stack([c[name] for c in codes]) for name in self.levels}
 
-    def _decode_batch(self, codes: list[Codes]) -> list[np.ndarray]:
+    def _decode_batch(self, codes: list[Grids]) -> list[np.ndarray]:
         return list(self.backend.decode(self._stack(codes)))
 
-    def _bits_batch(self, codes: list[Codes]) -> list[dict[str, float]]:
+    def _bits_batch(self, codes: list[Grids]) -> list[dict[str, float]]:
         bits = self.backend.code_bits(self._stack(codes))
         return [{name: float(bits[name][i]) for name in self.levels} for i in range(len(codes))]
 
-    def _sample_batch(self, items: list[SampleItem], should_stop: Callable[[], bool] = _never
-                      ) -> list[tuple[np.ndarray, Codes]]:
+    def _sample_batch(self, items: list[SampleItem], should_stop: Callable[[], bool] = never
+                      ) -> list[tuple[np.ndarray, Grids]]:
         # Each request's noise comes from its own seed, so a sample does not depend on its batch-mates.
         streams: dict[tuple[int, int], dict[str, np.ndarray]] = {}
         for item in items:
@@ -125,14 +118,7 @@ class Engine:
         noise = {name: np.stack([streams[(it.seed, it.n)][name][it.index] for it in items]) for name in self.levels}
         temperature = np.array([it.temperature for it in items], dtype=np.float32)
         top_k = np.array([it.top_k for it in items], dtype=np.int64)
-        sampler = getattr(self.backend, "sampler", None)
-        if sampler is not None:  # one sampling loop at a time (streams=1), so the hook is this batch's
-            sampler.should_stop = should_stop
-        try:
-            codes = self.backend.sample(noise, temperature, top_k)
-        finally:
-            if sampler is not None:
-                sampler.should_stop = _never
+        codes = self.backend.sample(noise, temperature, top_k, should_stop)
         images = self.backend.decode(codes)
         return [(images[i], {name: codes[name][i] for name in self.levels}) for i in range(len(items))]
 
@@ -141,7 +127,7 @@ def _shape_key(image: np.ndarray) -> tuple[int, ...]:
     return image.shape
 
 
-def _codes_key(codes: Codes) -> tuple[tuple[int, ...], ...]:
+def _codes_key(codes: Grids) -> tuple[tuple[int, ...], ...]:
     return tuple(g.shape for g in codes.values())
 
 

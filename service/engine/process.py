@@ -1,9 +1,10 @@
 """The engine process of the workers layout: it owns the ONNX Runtime sessions and batches the
 requests of every front-end worker together.
 
-The front ends (``service.api.workers``) do HTTP, validation, image decoding and answer encoding;
-they send the engine a small JSON header per request over a Unix socket, while the tensors lie in
-the worker's shared-memory slab (``service.api.shm``). The engine runs the same ``Engine`` (batchers)
+The front ends (``service.api.workers``, each with a ``service.engine.remote.RemoteEngine``) do
+HTTP, validation, image decoding and answer encoding; they send the engine a small JSON header per
+request over a Unix socket, while the tensors lie in the worker's shared-memory slab
+(``service.engine.shm``). The engine runs the same ``Engine`` (batchers)
 as the one-process server, so batching, streams, queue limits and deadlines mean the same here.
 
 Messages, worker to engine (each with an ``id``):
@@ -16,26 +17,30 @@ Messages, worker to engine (each with an ``id``):
     metrics {}                                  answered with {"text": Prometheus exposition}
 with ``seg`` naming a segment of its own when the request did not fit the slab, and ``t`` the
 seconds left until the request's deadline. Every request gets exactly one answer, ``{"id", "ok"}`` or
-``{"id", "error": {...}}``, and only after the engine is done with its region.
+``{"id", "error": {...}}`` (an engine error by class name, ``service.engine.errors.to_wire``), and
+only after the engine is done with its region.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import generate_latest
 
-from service.api.config import Settings
-from service.api.engine import Engine, SampleItem
-from service.api.errors import ApiError, InferenceFailed
-from service.api.metrics import Metrics
-from service.api.shm import Slab, frame, read_frame
 from service.bundle import Bundle
+from service.engine.config import EngineConfig
+from service.engine.engine import Engine
+from service.engine.errors import BackendFailed, Cancelled, EngineError, InvalidRequest, to_wire
+from service.engine.metrics import Metrics
+from service.engine.protocol import SampleItem
+from service.engine.shm import Slab, frame, read_frame
 from service.runtime.backend import OrtBackend
+from service.runtime.session import RuntimeConfig
 
 log = logging.getLogger("vqtok.engine")
 
@@ -46,9 +51,19 @@ def engine_info(backend: OrtBackend) -> dict[str, Any]:
             "sampler": backend.sampler_method}
 
 
+@dataclass(frozen=True)
+class EngineSetup:
+    """Everything the engine process needs, sent to it at spawn (plain dataclasses pickle)."""
+
+    model_dir: str
+    runtime: RuntimeConfig
+    engine: EngineConfig
+    log_level: str = "info"
+
+
 class EngineServer:
-    def __init__(self, backend: OrtBackend, settings: Settings):
-        self.backend, self.settings = backend, settings
+    def __init__(self, backend: OrtBackend, config: EngineConfig):
+        self.backend, self.config = backend, config
         self.levels = backend.bundle.level_names
         self.metrics = Metrics()
         self.metrics.watch_backend(backend)
@@ -58,7 +73,7 @@ class EngineServer:
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def serve(self, path: str | Path, stop: asyncio.Event) -> None:
-        self.engine = Engine(self.backend, self.settings, self.metrics)
+        self.engine = Engine(self.backend, self.config, self.metrics)
         self.engine.start()
         server = await asyncio.start_unix_server(self._connection, path=str(path))
         self.listening.set()
@@ -119,13 +134,12 @@ class EngineServer:
         try:
             reply = await self._run(msg, seg)
         except asyncio.CancelledError:
-            reply = {"error": {"status": 499, "code": "client_closed_request", "message": "cancelled"}}
-        except ApiError as e:
-            reply = {"error": {"status": e.status, "code": e.code, "message": e.message, "headers": e.headers}}
+            reply = {"error": to_wire(Cancelled("cancelled"))}
+        except EngineError as e:
+            reply = {"error": to_wire(e)}
         except Exception as e:  # one request's failure must not end the connection
             log.exception("engine request %s failed", msg.get("op"))
-            err = InferenceFailed(f"{msg.get('op')} failed ({type(e).__name__})")
-            reply = {"error": {"status": err.status, "code": err.code, "message": err.message}}
+            reply = {"error": to_wire(BackendFailed(f"{msg.get('op')} failed ({type(e).__name__})"))}
         finally:
             if seg is not slab and seg is not None:
                 seg.close()
@@ -159,18 +173,15 @@ class EngineServer:
             items = [{name: seg.view(next(specs)) for name in levels} for _ in range(len(msg["in"]) // len(levels))]
             return {"bits": await engine.code_bits(items, deadline)}
         else:
-            raise ApiError(f"unknown engine operation {op!r}", status=500, code="internal_error")
+            raise InvalidRequest(f"unknown engine operation {op!r}")
         return {"ok": True}
 
 
-def run_engine(settings_dump: dict[str, Any], path: str, status: Connection) -> None:
+def run_engine(setup: EngineSetup, path: str, status: Connection) -> None:
     """The engine process's main: load, report ("loaded", info) or ("error", message), then serve."""
-    settings = Settings(**settings_dump)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from service.api.app import load_backend
-
+    logging.basicConfig(level=setup.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        backend = load_backend(Bundle.load(settings.model_dir, verify=False), settings)
+        backend = OrtBackend(Bundle.load(setup.model_dir, verify=False), setup.runtime)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which exits with it
         status.send(("error", str(e)))
         return
@@ -199,7 +210,7 @@ def run_engine(settings_dump: dict[str, Any], path: str, status: Connection) -> 
             stop.set()
 
         loop.add_reader(status.fileno(), parent_said)
-        server = EngineServer(backend, settings)
+        server = EngineServer(backend, setup.engine)
         serving = asyncio.create_task(server.serve(path, stop))
         await server.listening.wait()
         status.send(("loaded", engine_info(backend)))
