@@ -24,6 +24,14 @@ in the workers layout (N front ends + one engine process), with requests of 1 an
 The load comes from ``wrk`` (a Lua script sends the multipart body) or, where wrk is missing, from
 the Python generator below spread over several processes. Writes bench/results/serve_layouts.json.
 
+    python bench/serve_load.py --versions BEFORE,work [--concurrency 1,32] [--rounds 3] [--model-arg ...]
+
+compares code versions instead, in one run: each git revision is checked out into a temporary
+worktree (``work`` is this working tree) and served with the same settings; every round measures
+each version at each concurrency, in alternating order, so drift on a shared machine hits them all
+alike. ``--extra-env NAME=VALUE`` applies to ``work`` only (a second bundle, say). Writes
+bench/results/serve_versions.json.
+
 The load generator is a minimal keep-alive HTTP/1.1 client on raw asyncio streams with the request
 bytes built once, so that on a small machine the clients take as little CPU from the server as
 possible (it still shares the cores: the numbers are a lower bound for a separate client host).
@@ -129,18 +137,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, env: dict[str, str], plain: bool = False) -> tuple[subprocess.Popen, int]:
-    """``vqtok serve`` (or, with ``plain``, the baseline app) on a free port, once /readyz is 200."""
+def start_server(model: Path, env: dict[str, str], plain: bool = False, root: Path = ROOT,
+                 args: tuple[str, ...] = ()) -> tuple[subprocess.Popen, int]:
+    """``vqtok serve`` of the checkout at ``root`` (or, with ``plain``, the baseline app) on a free port,
+    once /readyz is 200."""
     import httpx
 
     port = free_port()
     # Keep any PYTHONPATH (the GPU machine's staged runtime lives on it), the checkout first.
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
     full_env = {**os.environ, "VQTOK_LOG_LEVEL": "warning", "PYTHONPATH": path, **env}
     # -m from the root, so the plain app imports bench.plain_app like any module of the checkout.
     cmd = [sys.executable, "-m", "bench.plain_app"] if plain else [sys.executable, "-m", "service.cli", "serve"]
-    proc = subprocess.Popen([*cmd, "--model", str(model), "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=ROOT, env=full_env, start_new_session=True)
+    proc = subprocess.Popen([*cmd, "--model", str(model), *args, "--host", "127.0.0.1", "--port", str(port)],
+                            cwd=root, env=full_env, start_new_session=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -476,6 +486,81 @@ def layouts_summary(layouts: dict[str, list[dict]]) -> dict:
     return out
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def compare_versions(args: argparse.Namespace, blobs: list[bytes]) -> dict:
+    """Each version served by its own checkout, all up for the whole run, measured in alternating order."""
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix="vqtok-versions-"))
+    roots: dict[str, Path] = {}
+    servers: dict[str, tuple[subprocess.Popen, int]] = {}
+    env = {"VQTOK_DEVICE": "cpu", "VQTOK_API_KEYS": "", "VQTOK_QUEUE_LIMIT": str(max(512, 4 * max(args.concurrency)))}
+    try:
+        for rev in args.versions:
+            if rev == "work":
+                roots[rev] = ROOT
+            else:
+                roots[rev] = tmp / rev
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(roots[rev]), rev],
+                               check=True)
+        results: dict[str, dict[int, list[dict]]] = {rev: {c: [] for c in args.concurrency} for rev in args.versions}
+        commits = {rev: subprocess.run(["git", "-C", str(roots[rev]), "rev-parse", "--short", "HEAD"],
+                                       capture_output=True, text=True).stdout.strip() for rev in args.versions}
+        for rev in args.versions:  # one at a time: their warm-ups would disturb each other
+            extra = dict(kv.split("=", 1) for kv in args.extra_env) if rev == "work" else {}
+            servers[rev] = start_server(args.model, {**env, **extra}, root=roots[rev],
+                                        args=tuple(args.serve_arg) if rev == "work" else ())
+        for r in range(args.rounds):
+            order = args.versions if r % 2 == 0 else list(reversed(args.versions))
+            for c in args.concurrency:
+                for rev in order:
+                    port = servers[rev][1]
+                    requests = [encode_request(b, port) for b in blobs]
+                    row = asyncio.run(closed_loop(port, requests, c, args.duration, args.warmup_s))
+                    results[rev][c].append(row)
+                    print(f"  round {r} {rev:>10} c={c:3d}  {row['throughput_rps']:8.1f} req/s  p50 {row['p50_ms']:.2f} ms"
+                          f"  p99 {row['p99_ms']:.2f} ms  errors {row['errors']}", flush=True)
+    finally:
+        for proc, _ in servers.values():
+            stop_server(proc)
+        for rev, root in roots.items():
+            if root != ROOT:
+                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(root)], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    def median(rows: list[dict], key: str) -> float:
+        return float(np.median([row[key] for row in rows]))
+
+    summary = {rev: {str(c): {"throughput_rps": median(rows, "throughput_rps"), "p50_ms": median(rows, "p50_ms"),
+                              "p99_ms": median(rows, "p99_ms"), "errors": sum(row["errors"] for row in rows),
+                              "rounds": len(rows)}
+                     for c, rows in by_c.items()} for rev, by_c in results.items()}
+    base = args.versions[0]
+    for rev in args.versions[1:]:
+        for c in args.concurrency:
+            s, b = summary[rev][str(c)], summary[base][str(c)]
+            s["throughput_vs_" + base] = s["throughput_rps"] / b["throughput_rps"]
+            s["p50_vs_" + base] = s["p50_ms"] / b["p50_ms"]
+            # Noise: the spread of the baseline's own rounds (max / min throughput).
+            rates = [row["throughput_rps"] for row in results[base][c]]
+            s["baseline_round_spread"] = max(rates) / min(rates)
+    return {"versions": {rev: {"commit": commits[rev], "checkout": "working tree" if rev == "work" else rev,
+                               "serve_args": list(args.serve_arg) if rev == "work" else [],
+                               "extra_env": list(args.extra_env) if rev == "work" else []}
+                         for rev in args.versions},
+            "model": str(args.model.relative_to(ROOT)) if args.model.is_relative_to(ROOT) else args.model.name,
+            "duration_s": args.duration, "rounds": args.rounds, "cpu_count": os.cpu_count(),
+            "rows": {rev: {str(c): rows for c, rows in by_c.items()} for rev, by_c in results.items()},
+            "summary": summary}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, default=ROOT / "artifacts" / "default")
@@ -495,7 +580,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="front ends of the workers layout (--layouts)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="(--layouts)")
     p.add_argument("--tf32", action="store_true", help="VQTOK_TF32 on CUDA (--layouts)")
-    p.add_argument("--rounds", type=int, default=2, help="measurements per layout and point (--layouts)")
+    p.add_argument("--rounds", type=int, default=2, help="measurements per layout and point (--layouts, --versions)")
+    p.add_argument("--versions", type=lambda s: s.split(","), default=None,
+                   help="git revisions to compare (work: this working tree), the first is the baseline")
+    p.add_argument("--extra-env", action="append", default=[], help="NAME=VALUE for the working tree's server")
+    p.add_argument("--serve-arg", action="append", default=[], help="an extra vqtok serve argument (working tree)")
     args = p.parse_args(argv)
     warmup = args.duration * 0.2 if args.warmup is None else args.warmup
     args.warmup_s = warmup
@@ -503,6 +592,14 @@ def main(argv: list[str] | None = None) -> int:
     bundle = Bundle.load(args.model)
     images = smooth_images(64, bundle.image_size)
     blobs = [png(im) for im in images]
+    if args.versions:
+        args.out = args.out or ROOT / "bench" / "results" / "serve_versions.json"
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        result = compare_versions(args, blobs)
+        args.out.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result["summary"], indent=2))
+        print(f"wrote {args.out}")
+        return 0
     if args.layouts:
         args.out = args.out or ROOT / "bench" / "results" / "serve_layouts.json"
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ TRAINING_COMMANDS = {
 def _serve(args) -> int:
     from service.api.server import serve
 
-    return serve(model_dir=args.model, host=args.host, port=args.port)
+    return serve(models=args.model, models_dir=args.models, host=args.host, port=args.port)
 
 
 def _tokenize(args) -> int:
@@ -55,8 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqtok", description="VQ-VAE-2 image tokenizer")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("serve", help="serve a bundle over HTTP")
-    p.add_argument("--model", type=Path, default=None, help=f"bundle directory (default {DEFAULT_BUNDLE})")
+    p = sub.add_parser("serve", help="serve one or several bundles over HTTP")
+    p.add_argument("--model", action="append", default=None, metavar="[NAME=]DIR",
+                   help=f"a bundle directory, repeatable; the first is the default (default {DEFAULT_BUNDLE})")
+    p.add_argument("--models", type=Path, default=None, metavar="FOLDER",
+                   help="serve every bundle in FOLDER's subfolders too, each named after its subfolder")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
     p.set_defaults(func=_serve)

@@ -61,6 +61,14 @@ class BodyTimeoutError(VqtokError):  # 408: the request body did not arrive in t
     pass
 
 
+class NotFoundError(VqtokError):  # 404: no such path, or ?model= names no loaded bundle
+    pass
+
+
+class VersionMismatchError(VqtokError):  # 409: codes made by another bundle version than the one asked
+    pass
+
+
 class UnsupportedMediaTypeError(VqtokError):  # 415: a content type or an image format the service refuses
     pass
 
@@ -81,7 +89,8 @@ class ServerError(VqtokError):  # other 5xx
     pass
 
 
-_ERRORS: dict[int, type[VqtokError]] = {400: BadRequestError, 401: AuthenticationError, 408: BodyTimeoutError,
+_ERRORS: dict[int, type[VqtokError]] = {400: BadRequestError, 401: AuthenticationError, 404: NotFoundError,
+                                        408: BodyTimeoutError, 409: VersionMismatchError,
                                         413: PayloadTooLargeError, 415: UnsupportedMediaTypeError, 422: InvalidRequestError,
                                         503: OverloadedError, 504: DeadlineExceededError}
 
@@ -104,10 +113,13 @@ class Codes(dict):
     """One image's code grids, keyed by level name in the bundle's order (int64 numpy arrays).
 
     Levels read as attributes too: ``codes.top``, ``codes.bottom`` for the default bundle.
+    ``version``: the version id of the bundle that made them; ``decode`` sends it back, so codes never
+    decode on another bundle (409). Store it with the grids.
     ``bits``: the code length (uniform and under the priors) when ``encode(..., bits=True)`` asked.
     """
 
     bits: dict[str, Any] | None = None
+    version: str | None = None
 
     def __getattr__(self, name: str) -> np.ndarray:
         try:
@@ -119,7 +131,10 @@ class Codes(dict):
         return "Codes(" + ", ".join(f"{k}=int64 {list(np.shape(v))}" for k, v in self.items()) + ")"
 
     def to_wire(self) -> dict[str, Any]:
-        return {name: grid_to_wire(np.asarray(grid), "b64") for name, grid in self.items()}
+        wire: dict[str, Any] = {name: grid_to_wire(np.asarray(grid), "b64") for name, grid in self.items()}
+        if self.version is not None:
+            wire["version"] = self.version
+        return wire
 
 
 @dataclass
@@ -137,7 +152,7 @@ class Samples:
     codes: list[Codes] | None = None
 
 
-_NOT_GRIDS = ("height", "width", "bits")
+_NOT_GRIDS = ("height", "width", "bits", "version")
 
 
 def _codes_from_wire(item: dict[str, Any]) -> Codes:
@@ -145,6 +160,7 @@ def _codes_from_wire(item: dict[str, Any]) -> Codes:
     bits); ``.bits`` holds the code length when it was asked for."""
     codes = Codes({k: parse_grid(v) for k, v in item.items() if k not in _NOT_GRIDS})
     codes.bits = item.get("bits")
+    codes.version = item.get("version")
     return codes
 
 
@@ -182,8 +198,14 @@ def _as_list(images: ImageInput | Sequence[ImageInput]) -> list[ImageInput]:
 
 # --- request builders and parsers, shared by both clients ----------------------------------------
 class _Api:
-    def __init__(self, api_key: str | None):
+    def __init__(self, api_key: str | None, model: str | None = None):
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.model_ref = model  # a loaded bundle's name, or name@version (GET /v1/models); None: the default
+
+    def _with_model(self, request: dict[str, Any]) -> dict[str, Any]:
+        if self.model_ref is None or request["url"] == "/v1/models":
+            return request
+        return {**request, "params": {**request.get("params", {}), "model": self.model_ref}}
 
     @staticmethod
     def _image_request(path: str, images: ImageInput | Sequence[ImageInput], fit: str,
@@ -234,11 +256,12 @@ class _Api:
 
 
 class Client(_Api):
-    """Synchronous client. ``transport`` lets tests route requests to an in-process app."""
+    """Synchronous client. ``model`` picks a loaded bundle for every call (default: the server's first);
+    ``transport`` lets tests route requests to an in-process app."""
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
-                 timeout: float = 120.0, transport: httpx.BaseTransport | None = None):
-        super().__init__(api_key)
+                 timeout: float = 120.0, transport: httpx.BaseTransport | None = None, model: str | None = None):
+        super().__init__(api_key, model)
         self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=self.headers, transport=transport)
 
     def __enter__(self) -> Self:
@@ -252,7 +275,7 @@ class Client(_Api):
 
     def _send(self, request: dict[str, Any]) -> httpx.Response:
         try:
-            resp = self._http.request(**request)
+            resp = self._http.request(**self._with_model(request))
         except httpx.TimeoutException as e:
             raise DeadlineExceededError(0, "client_timeout", str(e) or "timed out") from e
         except httpx.TransportError as e:
@@ -278,6 +301,10 @@ class Client(_Api):
     def model(self) -> dict[str, Any]:
         return self._send({"method": "GET", "url": "/v1/model"}).json()
 
+    def models(self) -> dict[str, Any]:
+        """Every loaded bundle (``GET /v1/models``): {"default": name, "models": [{name, version, ...}]}."""
+        return self._send({"method": "GET", "url": "/v1/models"}).json()
+
     def ready(self) -> bool:
         try:
             return self._http.get("/readyz").status_code == 200
@@ -290,8 +317,8 @@ class AsyncClient(_Api):
 
     def __init__(self, base_url: str = "http://127.0.0.1:8000", api_key: str | None = None,
                  timeout: float = 120.0, transport: httpx.AsyncBaseTransport | None = None,
-                 limits: httpx.Limits | None = None):
-        super().__init__(api_key)
+                 limits: httpx.Limits | None = None, model: str | None = None):
+        super().__init__(api_key, model)
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=self.headers, transport=transport,
                                        limits=limits or httpx.Limits(max_connections=256, max_keepalive_connections=256))
 
@@ -306,7 +333,7 @@ class AsyncClient(_Api):
 
     async def _send(self, request: dict[str, Any]) -> httpx.Response:
         try:
-            resp = await self._http.request(**request)
+            resp = await self._http.request(**self._with_model(request))
         except httpx.TimeoutException as e:
             raise DeadlineExceededError(0, "client_timeout", str(e) or "timed out") from e
         except httpx.TransportError as e:
@@ -331,6 +358,9 @@ class AsyncClient(_Api):
 
     async def model(self) -> dict[str, Any]:
         return (await self._send({"method": "GET", "url": "/v1/model"})).json()
+
+    async def models(self) -> dict[str, Any]:
+        return (await self._send({"method": "GET", "url": "/v1/models"})).json()
 
     async def ready(self) -> bool:
         try:

@@ -68,20 +68,22 @@ def image_files(blobs: list[bytes]) -> list[tuple[str, tuple[str, bytes, str]]]:
 
 
 def metric_value(text: str, name: str, **labels: str) -> float:
-    """The value of one sample in Prometheus text format (0 if absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    """The sum of the samples of ``name`` in Prometheus text format whose labels include ``labels``
+    (0 if none): ``op="sample"`` adds up every loaded model's series."""
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    total = 0.0
     for line in text.splitlines():
         if line.startswith("#") or " " not in line:
             continue
         key, value = line.rsplit(" ", 1)
         if "{" in key:
             metric, rest = key.split("{", 1)
-            got = ",".join(sorted(rest.rstrip("}").split(",")))
+            got = set(rest.rstrip("}").split(","))
         else:
-            metric, got = key, ""
-        if metric == name and got == want:
-            return float(value)
-    return 0.0
+            metric, got = key, set()
+        if metric == name and want <= got:
+            total += float(value)
+    return total
 
 
 def free_port() -> int:

@@ -193,7 +193,7 @@ def test_decoding_stops_with_its_request():
     runs, a running one stops before its next image."""
     import threading
 
-    from service.api.admission import WorkPool
+    from service.engine.admission import WorkPool
 
     started, release = threading.Event(), threading.Event()
     decoded: list[int] = []

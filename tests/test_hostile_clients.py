@@ -141,9 +141,9 @@ def test_the_malloc_bounds_are_applied_on_glibc():
     import platform
 
     from service.api.config import Settings
-    from service.api.server import bound_malloc
+    from service.engine.host import bound_malloc
 
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    assert bound_malloc(Settings()) is True
-    assert bound_malloc(Settings(malloc_arena_max=0, malloc_mmap_threshold=0)) is True
+    assert bound_malloc(Settings().malloc_arena_max, Settings().malloc_mmap_threshold) is True
+    assert bound_malloc(0, 0) is True

@@ -28,7 +28,7 @@ def test_one_level_bundle_through_http_and_client(tiny_one_level_bundle):
             r = await http.post("/v1/encode", files=[("images", ("a.png", png_bytes(image), "image/png"))])
             assert r.status_code == 200, r.text
             item = r.json()["items"][0]
-            assert set(item) == {"height", "width", "bottom"}
+            assert set(item) == {"height", "width", "version", "bottom"}
             assert np.array(item["bottom"]).shape == grid
 
             r = await http.post("/v1/decode", json={"items": [{"bottom": item["bottom"]}]})
@@ -39,7 +39,7 @@ def test_one_level_bundle_through_http_and_client(tiny_one_level_bundle):
             r = await http.post("/v1/sample", json={"n": 2, "seed": 3, "return_codes": True})
             assert r.status_code == 200, r.text
             codes = r.json()["codes"]
-            assert [set(c) for c in codes] == [{"bottom"}, {"bottom"}]
+            assert [set(c) for c in codes] == [{"bottom", "version"}, {"bottom", "version"}]
             assert all(0 <= v < TINY_CODES for c in codes for row in c["bottom"] for v in row)
 
             transport = httpx.ASGITransport(app=app)

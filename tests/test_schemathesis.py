@@ -57,9 +57,9 @@ def test_the_fuzzing_reached_every_operation(api_schema):
     from service_support import metric_value
 
     metrics = generate_latest(api_schema.app.state.vqtok.metrics.registry).decode()
-    for path in ("/v1/encode", "/v1/decode", "/v1/reconstruct", "/v1/sample", "/v1/model"):
+    for path in ("/v1/encode", "/v1/decode", "/v1/reconstruct", "/v1/sample", "/v1/model", "/v1/models"):
         calls = sum(metric_value(metrics, "vqtok_requests_total", endpoint=path, status=str(s))
-                    for s in (200, 400, 401, 408, 413, 415, 422, 503, 504))
+                    for s in (200, 400, 401, 404, 408, 409, 413, 415, 422, 503, 504))
         assert calls >= 10, (path, calls)
     assert metric_value(metrics, "vqtok_requests_total", endpoint="/v1/sample", status="200") > 0
     for status in ("500", "499"):

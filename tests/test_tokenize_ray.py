@@ -82,7 +82,7 @@ def test_three_modes_finish_with_the_same_codes_and_the_same_refusals(tiny_bundl
     rows = {mode: by_path(tmp_path / mode) for mode in ("http", "local", "ray")}
     assert sorted(rows["http"]) == sorted(rows["local"]) == sorted(rows["ray"]) == sorted(good)
     for path in good:
-        for key in ("top", "bottom", "height", "width", "bundle_sha256"):
+        for key in ("top", "bottom", "height", "width", "bundle_sha256", "bundle_version"):
             assert np.array_equal(rows["local"][path][key], rows["http"][path][key]), (path, key)
             assert np.array_equal(rows["ray"][path][key], rows["http"][path][key]), (path, key)
         assert (int(rows["http"][path]["height"]), int(rows["http"][path]["width"])) == (96, 64)

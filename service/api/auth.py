@@ -42,16 +42,29 @@ class ApiKeyAuth:
     """401 (with ``WWW-Authenticate: Bearer``) for requests without a valid key, except on
     ``open_paths`` (exact) and under ``open_prefixes`` (static files)."""
 
-    def __init__(self, app: ASGIApp, keys: list[str], open_paths: Iterable[str], open_prefixes: tuple[str, ...] = ()):
-        if any(not k.strip() for k in keys):  # Settings refuses these too; never let "" match a bare "Bearer"
+    def __init__(self, app: ASGIApp, keys: list[str], open_paths: Iterable[str], open_prefixes: tuple[str, ...] = (),
+                 admin_keys: list[str] = (), admin_prefix: str = "/admin"):
+        if any(not k.strip() for k in [*keys, *admin_keys]):  # never let "" match a bare "Bearer"
             raise ValueError("API keys must not be empty or whitespace")
         self.app, self.keys = app, [k.encode() for k in keys]
         self.open_paths, self.open_prefixes = frozenset(open_paths), open_prefixes
+        # The admin API has its own key and never takes an API key (nor is it open without keys).
+        self.admin_keys, self.admin_prefix = [k.encode() for k in admin_keys], admin_prefix
+
+    def _is_admin(self, path: str) -> bool:
+        return path == self.admin_prefix or path.startswith(self.admin_prefix + "/")
 
     def is_open(self, path: str) -> bool:
         return path in self.open_paths or (bool(self.open_prefixes) and path.startswith(self.open_prefixes))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self._is_admin(route_path(scope)):
+            token = bearer_token(scope)
+            if not self.admin_keys or token is None or not key_matches(token, self.admin_keys):
+                return await send_json(send, 401, error_body(
+                    "unauthorized", "the admin API needs the admin key (Authorization: Bearer <VQTOK_ADMIN_KEY>)"),
+                    headers={"www-authenticate": "Bearer"})
+            return await self.app(scope, receive, send)
         if self.keys and scope["type"] == "http" and not self.is_open(route_path(scope)):
             token = bearer_token(scope)
             if token is None or not key_matches(token, self.keys):

@@ -26,11 +26,15 @@ from service.api.errors import (
     UnsupportedMediaType,
     unprocessable_from,
 )
+from service.api.middleware import TICKETS
 from service.api.multipart import read_multipart
 from service.api.schemas import EncodeJsonRequest
 from service.api.state import ServiceState
+from service.bundle import Bundle
 from service.bundle.images import to_png
 from service.bundle.intake import Fit, Header, ImageRefused, inspect
+from service.engine.models import LoadedModel
+from service.engine.protocol import InferenceEngine
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -47,19 +51,43 @@ CODE_BYTES = 5
 
 
 class Call:
-    def __init__(self, request: Request):
+    """``model``: the loaded version the request runs on, picked from ``?model=name[@id]`` (default: the
+    first bundle) and, for codes, the version they carry; held (``Lease``) until the request is answered,
+    so an unload waits for it."""
+
+    def __init__(self, request: Request, *, by_codes: bool = False):
         self.request = request
         self.state: ServiceState = request.app.state.vqtok
-        self.engine = self.state.require_ready()
+        self.state.require_ready()
         self.deadline = self.state.deadline()
+        self.spec = request.query_params.get("model") or None
+        self.model: LoadedModel | None = None
+        if not by_codes:  # otherwise the endpoint picks once it has read the codes' version tag
+            self.pick(None)
+
+    def pick(self, version: str | None) -> LoadedModel:
+        st = self.state
+        model = st.models.resolve(self.spec, version)
+        st.models.require_ready(model, st.settings.retry_after_s)
+        self.request.scope.setdefault(TICKETS, []).append(model.lease())
+        self.model = model
+        return model
 
     @property
     def settings(self):
         return self.state.settings
 
     @property
-    def bundle(self):
-        return self.state.bundle
+    def bundle(self) -> Bundle:
+        return self.model.bundle
+
+    @property
+    def engine(self) -> InferenceEngine:
+        return self.model.engine
+
+    def answer(self, **body) -> dict:
+        """An answer's body, naming the version that made it: codes in it carry ``version``."""
+        return {"model": self.model.name, "version": self.model.version, **body}
 
     # -- admission ------------------------------------------------------------------------------
     def admit(self, pixels: int, answer_bytes: float, what: str, hold: int | None = None):
@@ -69,7 +97,7 @@ class Call:
             raise PayloadTooLarge(f"{what}: the answer could take {int(answer_bytes)} bytes, over the limit of "
                                   f"{limit} (VQTOK_MAX_RESPONSE_BYTES); send fewer or smaller items",
                                   code="response_too_large")
-        return self.state.budget.admit(self.request.scope, pixels if hold is None else hold, what)
+        return self.state.budget.admit(self.request.scope.setdefault(TICKETS, []), pixels if hold is None else hold, what)
 
     # -- cancellation ---------------------------------------------------------------------------
     async def run(self, work: Awaitable[T]) -> T:
@@ -98,35 +126,18 @@ class Call:
         while (await self.request.receive())["type"] != "http.disconnect":
             pass
 
-    async def offload(self, heavy: bool, fn, *args):
-        """Run ``fn`` in the work pool when it is heavy, inline when a thread hop would cost more."""
-        return await self.state.pool.run(_unstoppable, fn, *args) if heavy else fn(*args)
-
     # -- bodies ---------------------------------------------------------------------------------
     def media_type(self) -> str:
-        return self.request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        return media_type(self.request)
 
     async def json(self, model: type[M], limit: int | None = None) -> M:
-        """The body validated as ``model``: inline when small, in the work pool when large (a 32 MB list of
-        codes takes seconds to parse). ``limit`` caps the body tighter than the body limit (413)."""
-        media_type = self.media_type()
-        if not _is_json(media_type):
-            raise UnsupportedMediaType(f"expected Content-Type application/json, got {media_type or 'none'!r}")
-        body = bytearray()
-        async for chunk in self.request.stream():
-            body += chunk
-            if limit is not None and len(body) > limit:
-                raise PayloadTooLarge(f"JSON body over {limit} bytes (VQTOK_MAX_JSON_BYTES); send code grids in "
-                                      "the compact b64 form, or fewer items per request")
-        if len(body) <= INLINE_BYTES:
-            return _validate_json(None, model, bytes(body))
-        return await self.state.pool.run(_validate_json, model, bytes(body))
+        return await read_json(self.request, self.state, model, limit)
 
     async def images(self, fit: Fit, answer_bytes_per_pixel: float, hold: int = 1) -> list[np.ndarray]:
         """The request's images, decoded as admitted work: every header is checked first, the answer's
         size bound too, then the request holds its pixels (``hold`` copies of the arrays: reconstruct
         keeps its inputs and outputs) and decodes inline only when the header pixels are few."""
-        limits = self.state.limits
+        limits = self.state.limits_for(self.bundle)
         blobs = await self._image_blobs()
         headers = []
         for i, blob in enumerate(blobs):
@@ -174,9 +185,32 @@ class Call:
 
     # -- answers --------------------------------------------------------------------------------
     async def pngs(self, images: list[np.ndarray]) -> list[str]:
-        """Base64 PNGs, in the work pool when they are large."""
-        heavy = sum(im.shape[0] * im.shape[1] for im in images) > INLINE_PIXELS
-        return await self.offload(heavy, encode_pngs, images, self.settings.png_compress_level)
+        """Base64 PNGs, in the work pool when they are large (inline when a thread hop would cost more)."""
+        level = self.settings.png_compress_level
+        if sum(im.shape[0] * im.shape[1] for im in images) > INLINE_PIXELS:
+            return await self.state.pool.run(_unstoppable, encode_pngs, images, level)
+        return encode_pngs(images, level)
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+async def read_json(request: Request, state: ServiceState, model: type[M], limit: int | None = None) -> M:
+    """The body validated as ``model``: inline when small, in the work pool when large (a 32 MB list of
+    codes takes seconds to parse). ``limit`` caps the body tighter than the body limit (413)."""
+    kind = media_type(request)
+    if not _is_json(kind):
+        raise UnsupportedMediaType(f"expected Content-Type application/json, got {kind or 'none'!r}")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if limit is not None and len(body) > limit:
+            raise PayloadTooLarge(f"JSON body over {limit} bytes (VQTOK_MAX_JSON_BYTES); send code grids in "
+                                  "the compact b64 form, or fewer items per request")
+    if len(body) <= INLINE_BYTES:
+        return _validate_json(None, model, bytes(body))
+    return await state.pool.run(_validate_json, model, bytes(body))
 
 
 def encode_pngs(images: list[np.ndarray], level: int) -> list[str]:

@@ -21,7 +21,14 @@ from service.runtime.session import CUDA
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VQTOK_", extra="ignore")
 
-    model_dir: Path = DEFAULT_BUNDLE
+    model_dir: Path = DEFAULT_BUNDLE  # the first bundle: requests that name no model go to it
+    model_name: str = ""  # its name ("": its manifest's)
+    # More bundles served at once: "[NAME=]DIR" each (comma-separated), then one per subfolder of
+    # models_dir (named after it). `vqtok serve --model DIR --model DIR2 --models FOLDER` sets these.
+    extra_models: Annotated[list[str], NoDecode] = []
+    models_dir: Path | None = None
+    # POST/DELETE /admin/models (load and unload bundles at run time) need this key; empty: no admin API.
+    admin_key: str = ""
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -101,6 +108,13 @@ class Settings(BaseSettings):
     access_log: bool = False  # per-request log lines cost throughput; /metrics counts requests
     # Unset: the request timeout plus 5 s, so that requests in flight at SIGTERM can finish.
     graceful_timeout_s: float | None = Field(None, gt=0)
+
+    @field_validator("extra_models", mode="before")
+    @classmethod
+    def _split_models(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
 
     @field_validator("api_keys", mode="before")
     @classmethod

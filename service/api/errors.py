@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect
 
 from service.bundle.intake import ImageRefused
 from service.engine import errors as engine
+from service.engine import models
 
 log = logging.getLogger("vqtok.service")
 
@@ -82,7 +83,7 @@ class ClientGone(ApiError):
 
 # Engine errors -> statuses (the most specific class first: TooLarge is an InvalidRequest).
 ENGINE_STATUS: tuple[tuple[type[engine.EngineError], int], ...] = (
-    (engine.Overloaded, 503), (engine.NotServing, 503), (engine.DeadlineExceeded, 504), (engine.TooLarge, 413),
+    (models.ModelNotFound, 404), (models.VersionMismatch, 409), (engine.Overloaded, 503), (engine.NotServing, 503), (engine.DeadlineExceeded, 504), (engine.TooLarge, 413),
     (engine.InvalidRequest, 422), (engine.Cancelled, 499), (engine.BackendFailed, 500), (engine.EngineError, 500))
 
 

@@ -142,3 +142,21 @@ async def send_json(send: Send, status: int, body: dict, headers: dict[str, str]
     raw_headers += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
     await send({"type": "http.response.start", "status": status, "headers": raw_headers})
     await send({"type": "http.response.body", "body": data})
+
+
+TICKETS = "vqtok.tickets"  # the scope key holding what a request holds: pixel tickets, model leases
+
+
+class ReleaseTickets:
+    """Releases what a request holds (``scope[TICKETS]``: pixel tickets, its model's lease) once it has
+    been answered, or has failed, or was cancelled."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            for ticket in scope.get(TICKETS, ()):
+                ticket.release()

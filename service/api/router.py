@@ -26,7 +26,9 @@ from service.api.schemas import (
     EncodeResponse,
     ErrorResponse,
     Health,
+    LoadRequest,
     ModelInfo,
+    ModelList,
     ReconstructResponse,
     SampleRequest,
     SampleResponse,
@@ -35,11 +37,11 @@ from service.api.state import ServiceState
 from service.bundle import Level
 from service.bundle.images import psnr, to_png
 from service.bundle.intake import Fit
-from service.bundle.wire import GridFormat, Grids, check_range, grid_to_wire
+from service.bundle.wire import GridFormat, Grids, InvalidCodes, check_item, grid_to_wire
 from service.engine.protocol import InferenceEngine, SampleItem
 from service.runtime.codelength import uniform_bits
 
-ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 408, 413, 415, 422, 500, 503, 504)}
+ERRORS = {s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 409, 413, 415, 422, 500, 503, 504)}
 
 
 def _json_body(model: type[BaseModel]) -> dict:
@@ -85,6 +87,9 @@ class QueryFlag:
 
 FIT = QueryChoice("fit", Fit, "center_crop", "center_crop: resize the shorter side to the model's size and "
                   "crop the centre; none: native size (sides multiples of the coarsest stride)")
+MODEL = {"name": "model", "in": "query", "required": False, "schema": {"type": "string"},
+         "description": "which loaded bundle: a name, or name@version to pin one version (GET /v1/models); "
+                        "default: the first bundle"}
 GRID_FORMAT = QueryChoice("format", GridFormat, "list", "list: nested JSON lists; b64: compact uint16 grids")
 BITS = QueryFlag("bits", "also answer each item's code length in bits: uniform (log2 K per code) and under the "
                  "learned priors (−Σ log2 p(code | earlier codes), the PixelCNNs' teacher-forced pass), per level "
@@ -97,7 +102,7 @@ IMAGES_BODY = {"requestBody": {"required": True, "content": {
         "images": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
     "application/json": {"schema": {"$ref": "#/components/schemas/EncodeJsonRequest"}},
 }}}
-EXTRA_SCHEMAS = [EncodeJsonRequest, DecodeRequest, SampleRequest]  # added to components by the app
+EXTRA_SCHEMAS = [EncodeJsonRequest, DecodeRequest, SampleRequest, LoadRequest]  # added to components by the app
 
 health = APIRouter(tags=["health"])
 v1 = APIRouter(prefix="/v1", tags=["v1"], responses=ERRORS)
@@ -122,42 +127,15 @@ def codes_per_pixel(bundle) -> float:
     return sum(1 / lv.stride ** 2 for lv in bundle.levels.values())
 
 
-def validate_codes(req: DecodeRequest, st: ServiceState) -> list[Grids]:
-    if len(req.items) > st.settings.max_items:
-        raise PayloadTooLarge(f"{len(req.items)} items; at most {st.settings.max_items} per request",
+def validate_codes(req: DecodeRequest, call: Call) -> list[Grids]:
+    if len(req.items) > call.settings.max_items:
+        raise PayloadTooLarge(f"{len(req.items)} items; at most {call.settings.max_items} per request",
                               code="too_many_items")
-    levels = st.bundle.levels
-    out = []
-    for i, item in enumerate(req.items):
-        unknown = sorted(set(item) - set(levels))
-        if unknown:
-            raise Unprocessable(f"items[{i}].{unknown[0]}: not a level of this bundle (its levels: "
-                                f"{', '.join(levels)})", code="invalid_request")
-        codes: Grids = {}
-        size: tuple[int, int] | None = None
-        first = None
-        for name, level in levels.items():
-            field = f"items[{i}].{name}"
-            if name not in item:
-                raise Unprocessable(f"{field}: field required (one grid per level: {', '.join(levels)})",
-                                    code="invalid_request")
-            grid = item[name]
-            problem = check_range(grid, level.codebook_size)
-            if problem:
-                raise Unprocessable(f"{field}: {problem}", code="invalid_codes")
-            implied = (grid.shape[0] * level.stride, grid.shape[1] * level.stride)
-            if size is None:
-                size, first = implied, (name, grid.shape)
-            elif implied != size:
-                want = [size[0] // level.stride, size[1] // level.stride]
-                raise Unprocessable(f"{field}: shape {list(grid.shape)} does not match items[{i}].{first[0]} "
-                                    f"{list(first[1])} (expected {want})", code="invalid_codes")
-            codes[name] = grid
-        if size[0] * size[1] > st.settings.max_native_pixels:
-            raise Unprocessable(f"items[{i}]: decodes to {size[1]}x{size[0]}, over the limit of "
-                                f"{st.settings.max_native_pixels} pixels", code="invalid_codes")
-        out.append(codes)
-    return out
+    try:
+        return [check_item(item, call.bundle.levels, call.settings.max_native_pixels, f"items[{i}]")
+                for i, item in enumerate(req.items)]
+    except InvalidCodes as e:
+        raise Unprocessable(e.message, code=e.code) from None
 
 
 def _finite(db: np.ndarray) -> float | None:
@@ -211,37 +189,41 @@ def sample_items(req: SampleRequest, bundle) -> list[SampleItem]:
 
 # --- endpoints ---------------------------------------------------------------------------------
 @v1.post("/encode", response_model=EncodeResponse,
-         openapi_extra={**IMAGES_BODY, "parameters": [FIT.openapi, GRID_FORMAT.openapi, BITS.openapi]},
+         openapi_extra={**IMAGES_BODY, "parameters": [FIT.openapi, GRID_FORMAT.openapi, BITS.openapi, MODEL]},
          summary="Images to code grids")
 async def encode(request: Request):
     fit, fmt, bits = FIT(request), GRID_FORMAT(request), BITS(request)
     call = Call(request)
     images = await call.images(fit, CODE_BYTES * codes_per_pixel(call.bundle))
     codes, prior = await call.run(encode_scored(call, images, bits))
-    items = [{"height": im.shape[0], "width": im.shape[1], **{k: grid_to_wire(g, fmt) for k, g in c.items()}}
-             for im, c in zip(images, codes)]
+    version = call.model.version
+    items = [{"height": im.shape[0], "width": im.shape[1], "version": version,
+              **{k: grid_to_wire(g, fmt) for k, g in c.items()}} for im, c in zip(images, codes)]
     if bits:
         add_bits(items, call.bundle.levels, codes, prior)
-    return fast_json({"model": call.bundle.name, "items": items})
+    return fast_json(call.answer(items=items))
 
 
-@v1.post("/decode", response_model=DecodeResponse, openapi_extra={"requestBody": _json_body(DecodeRequest)},
+@v1.post("/decode", response_model=DecodeResponse,
+         openapi_extra={"requestBody": _json_body(DecodeRequest), "parameters": [MODEL]},
          responses={200: {"content": {"image/png": {}},
                           "description": "JSON, or the PNG itself for one item with Accept: image/png"}},
          summary="Code grids to images")
 async def decode(request: Request):
-    call = Call(request)
-    codes = validate_codes(await call.json(DecodeRequest, call.settings.max_json_bytes), call.state)
+    call = Call(request, by_codes=True)
+    req = await call.json(DecodeRequest, call.settings.max_json_bytes)
+    call.pick(req.version)  # codes made by another version than the one named: 409
+    codes = validate_codes(req, call)
     pixels = decoded_pixels(call.bundle, codes)
     call.admit(pixels, pixels * PNG_B64_BYTES_PER_PIXEL, f"{len(codes)} decoded images")
     images = await call.run(call.engine.decode(codes, call.deadline))
     if len(images) == 1 and "image/png" in request.headers.get("accept", ""):
         return Response(to_png(images[0], call.settings.png_compress_level), media_type="image/png")
-    return fast_json({"model": call.bundle.name, "images": await call.pngs(images)})
+    return fast_json(call.answer(images=await call.pngs(images)))
 
 
 @v1.post("/reconstruct", response_model=ReconstructResponse,
-         openapi_extra={**IMAGES_BODY, "parameters": [FIT.openapi, BITS.openapi, INCLUDE_INPUT.openapi]},
+         openapi_extra={**IMAGES_BODY, "parameters": [FIT.openapi, BITS.openapi, INCLUDE_INPUT.openapi, MODEL]},
          summary="Images through encode and decode, with PSNR")
 async def reconstruct(request: Request):
     fit, bits, include_input = FIT(request), BITS(request), INCLUDE_INPUT(request)
@@ -256,10 +238,11 @@ async def reconstruct(request: Request):
     if include_input:
         for item, png in zip(items, await call.pngs(images)):
             item["input"] = png
-    return fast_json({"model": call.bundle.name, "items": items})
+    return fast_json(call.answer(items=items))
 
 
-@v1.post("/sample", response_model=SampleResponse, openapi_extra={"requestBody": _json_body(SampleRequest)},
+@v1.post("/sample", response_model=SampleResponse,
+         openapi_extra={"requestBody": _json_body(SampleRequest), "parameters": [MODEL]},
          summary="Sample images from the priors")
 async def sample(request: Request):
     call = Call(request)
@@ -268,16 +251,25 @@ async def sample(request: Request):
     pixels = req.n * call.bundle.image_size ** 2
     call.admit(pixels, pixels * PNG_B64_BYTES_PER_PIXEL, f"{req.n} samples")
     results = await call.run(call.engine.sample(items, call.deadline))
-    body: dict[str, Any] = {"model": call.bundle.name, "seed": items[0].seed,
-                            "images": await call.pngs([im for im, _ in results]), "codes": None}
+    body = call.answer(seed=items[0].seed, images=await call.pngs([im for im, _ in results]), codes=None)
     if req.return_codes:
-        body["codes"] = [{k: grid_to_wire(g, req.format) for k, g in codes.items()} for _, codes in results]
+        body["codes"] = [{"version": call.model.version, **{k: grid_to_wire(g, req.format) for k, g in codes.items()}}
+                         for _, codes in results]
     return fast_json(body)
 
 
-@v1.get("/model", response_model=ModelInfo, summary="The bundle's manifest summary and the active provider")
+@v1.get("/model", response_model=ModelInfo, summary="A bundle's manifest summary and the active provider",
+        openapi_extra={"parameters": [MODEL]})
 async def model(request: Request):
-    return fast_json(get_state(request).model_info)
+    st = get_state(request)
+    st.require_ready()
+    return fast_json(st.models.resolve(request.query_params.get("model") or None).info)
+
+
+@v1.get("/models", response_model=ModelList, summary="Every loaded bundle: name, version, levels, readiness")
+async def models(request: Request):
+    st = get_state(request)
+    return fast_json({"default": st.models.default_name, "models": [m.summary() for m in st.models]})
 
 
 @health.get("/healthz", response_model=Health, summary="The process is up")

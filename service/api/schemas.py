@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, model_validator
 
 from service.bundle import Level
 from service.bundle.wire import GridFormat, parse_grid
@@ -51,8 +51,30 @@ LEVELS_DOC = "one code grid per level of the bundle, keyed by level name (see GE
 DecodeItem = Annotated[dict[str, Grid], Field(description=LEVELS_DOC, min_length=1)]
 
 
+VERSION_DOC = ("the version id of the bundle that made the codes (encode and sample answers carry it); codes "
+               "tagged with another version get 409, untagged codes go to the model named or the default")
+
+
 class DecodeRequest(_Strict):
     items: list[DecodeItem] = Field(min_length=1)
+    version: str | None = Field(None, min_length=1, max_length=64, description=VERSION_DOC)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _item_versions(cls, data: Any) -> Any:
+        """Items may carry the tag themselves (as encode answers give them): one version per request."""
+        if not isinstance(data, dict) or not isinstance(data.get("items"), list):
+            return data
+        tags = {item["version"] for item in data["items"] if isinstance(item, dict) and "version" in item}
+        if not tags:
+            return data
+        if data.get("version") is not None:
+            tags.add(data["version"])
+        if len(tags) > 1 or not all(isinstance(t, str) for t in tags):
+            raise ValueError("the items carry different version tags; send each version's codes in its own request")
+        items = [{k: v for k, v in item.items() if k != "version"} if isinstance(item, dict) else item
+                 for item in data["items"]]
+        return {**data, "items": items, "version": tags.pop()}
 
 
 def decode_example(levels: dict[str, Level], image_size: int) -> dict[str, Any]:
@@ -106,21 +128,24 @@ class CodeLength(BaseModel):
 
 
 class EncodedItem(BaseModel):
-    """``height``, ``width``, and one grid per level of the bundle, keyed by level name."""
+    """``height``, ``width``, ``version``, and one grid per level of the bundle, keyed by level name."""
 
     model_config = ConfigDict(extra="allow")
     height: int
     width: int
+    version: str = Field(description=VERSION_DOC)
     bits: CodeLength | None = Field(None, description="with ?bits=true")
 
 
 class EncodeResponse(BaseModel):
     model: str
+    version: str = Field(description="the version that answered")
     items: list[EncodedItem]
 
 
 class DecodeResponse(BaseModel):
     model: str
+    version: str = Field(description="the version that answered")
     images: list[str] = Field(description="base64 PNGs")
 
 
@@ -135,17 +160,23 @@ class ReconstructedItem(BaseModel):
 
 class ReconstructResponse(BaseModel):
     model: str
+    version: str = Field(description="the version that answered")
     items: list[ReconstructedItem]
 
 
-CodeGrids = Annotated[dict[str, WireGrid], Field(description=LEVELS_DOC)]
+class SampledCodes(BaseModel):
+    """``version``, and one grid per level of the bundle, keyed by level name."""
+
+    model_config = ConfigDict(extra="allow")
+    version: str = Field(description=VERSION_DOC)
 
 
 class SampleResponse(BaseModel):
     model: str
+    version: str = Field(description=VERSION_DOC)
     seed: int
     images: list[str] = Field(description="base64 PNGs")
-    codes: list[CodeGrids] | None = None
+    codes: list[SampledCodes] | None = Field(None, description="with return_codes")
 
 
 class LevelInfo(BaseModel):
@@ -170,6 +201,7 @@ class LimitsInfo(BaseModel):
 
 class ModelInfo(BaseModel):
     name: str
+    version: str = Field(description="a short prefix of sha256, unique among the loaded bundles")
     sha256: str = Field(description="sha256 of the bundle's manifest.json, which holds every file's digest: "
                                     "the model's identity")
     format_version: int
@@ -186,6 +218,28 @@ class ModelInfo(BaseModel):
     parity: dict[str, Any]
     metrics: dict[str, Any]
     onnx: dict[str, Any]
+
+
+class ModelSummary(BaseModel):
+    name: str
+    version: str
+    ref: str = Field(description="name@version: what ?model= takes to pin this version")
+    sha256: str
+    levels: list[str]
+    image_size: int
+    can_sample: bool
+    ready: bool
+
+
+class ModelList(BaseModel):
+    default: str | None = Field(description="the name requests without ?model= go to")
+    models: list[ModelSummary]
+
+
+class LoadRequest(_Strict):
+    path: str = Field(min_length=1, description="the bundle's folder, on the server")
+    name: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$",
+                             description="the name to serve it under (default: its manifest's)")
 
 
 class Health(BaseModel):

@@ -1,55 +1,39 @@
-"""``vqtok serve``: load and verify the bundle, open the sessions, then run one uvicorn worker.
-
-One worker on purpose: the batchers only batch what one process sees, and ONNX Runtime already
-uses every core inside a batch. The bundle and sessions are loaded before uvicorn starts, so a
-missing or corrupt file ends the command with a one-line error naming it (exit status 2).
-"""
+"""``vqtok serve``: verify every bundle named and open the first one's sessions before uvicorn starts
+(a missing or corrupt file ends the command with a one-line error naming it, exit status 2), then serve:
+one process, or the workers layout (``service.api.workers``) where one process cannot feed the device."""
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
 import signal
 import sys
-import threading
-import time
 from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
 
-from service.api.app import create_app, load_backend
+from service.api.app import create_app, load_backend, startup_bundles
 from service.api.config import Settings
 from service.bundle import DEFAULT_BUNDLE, Bundle, BundleError
+from service.engine.host import bound_malloc, exit_now
 from service.runtime.session import CPU, CUDA, DeviceUnavailable, RuntimeConfig, wants_cuda
 
 log = logging.getLogger("vqtok.service")
-
-
-M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # mallopt(3) parameters
-
-
-def bound_malloc(settings: Settings) -> bool:
-    """Apply the malloc settings (glibc only; elsewhere a no-op). Done before any thread starts, so
-    every arena the server creates follows them. True if glibc took them."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        return False
-    ok = True
-    if settings.malloc_arena_max:
-        ok &= mallopt(M_ARENA_MAX, settings.malloc_arena_max) == 1
-    if settings.malloc_mmap_threshold:
-        ok &= mallopt(M_MMAP_THRESHOLD, settings.malloc_mmap_threshold) == 1
-    return ok
 
 
 def _configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def serve(model_dir: str | Path | None = None, host: str | None = None, port: int | None = None) -> int:
-    overrides = {k: v for k, v in {"model_dir": model_dir, "host": host, "port": port}.items() if v is not None}
+def serve(model_dir: str | Path | None = None, host: str | None = None, port: int | None = None,
+          models: list[str] | None = None, models_dir: str | Path | None = None) -> int:
+    """``models``: ``[NAME=]DIR`` each, the first the default (``--model``, repeated); ``models_dir``: one
+    bundle per subfolder (``--models``)."""
+    overrides = {k: v for k, v in {"model_dir": model_dir, "host": host, "port": port, "models_dir": models_dir}.items()
+                 if v is not None}
+    if models:
+        name, sep, path = models[0].partition("=")
+        overrides.update({"model_dir": path, "model_name": name} if sep and "/" not in name else {"model_dir": models[0]})
+        overrides["extra_models"] = models[1:]
     try:
         settings = Settings(**overrides)
     except ValidationError as e:
@@ -57,16 +41,17 @@ def serve(model_dir: str | Path | None = None, host: str | None = None, port: in
         print(f"vqtok serve: invalid settings: {problems}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
-    bound_malloc(settings)
+    bound_malloc(settings.malloc_arena_max, settings.malloc_mmap_threshold)
     try:
         bundle = Bundle.load(settings.model_dir)
+        startup_bundles(settings, bundle)  # every other bundle verified now too: refuse to start on a bad one
         workers = settings.workers_for(CUDA if wants_cuda(RuntimeConfig(device=settings.device)) else CPU)
         if workers > 1:  # the engine process loads the backend (and reports a broken bundle or device)
             from service.api.workers import serve_workers
 
             return serve_workers(settings, workers, uvicorn_options(settings))
         backend = load_backend(bundle, settings)
-    except (BundleError, DeviceUnavailable) as e:
+    except (BundleError, DeviceUnavailable, OSError) as e:
         hint = ""
         if Path(settings.model_dir) == DEFAULT_BUNDLE and not DEFAULT_BUNDLE.exists():
             # The default bundle lives in the repository, not in a wheel.
@@ -107,21 +92,3 @@ def uvicorn_options(settings: Settings) -> dict:
     return {"log_level": settings.log_level, "access_log": settings.access_log,
             "timeout_graceful_shutdown": settings.graceful_s, "limit_concurrency": settings.max_connections,
             "log_config": None}
-
-
-def exit_now(code: int) -> int:
-    """Return ``code``, unless a worker thread is still busy (a batch stuck in the backend): then
-    end the process at once, since the interpreter would otherwise wait for that thread forever
-    (thread pools join their threads at exit)."""
-    workers = [t for t in threading.enumerate() if not t.daemon and t.name.startswith("vqtok-")]
-    deadline = time.monotonic() + 2.0  # idle workers of a shut-down pool end within moments
-    for t in workers:
-        t.join(max(0.0, deadline - time.monotonic()))
-    stuck = [t.name for t in workers if t.is_alive()]
-    if stuck:
-        log.error("exiting with worker threads still busy: %s", ", ".join(stuck))
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    return code

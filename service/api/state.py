@@ -1,19 +1,19 @@
-"""What one running service holds: settings, bundle, backend, engine, metrics, readiness."""
+"""What one running service holds: settings, the loaded bundles (``service.engine.models``), metrics,
+admission, readiness."""
 from __future__ import annotations
 
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
-from service.api.admission import PixelBudget, WorkPool
 from service.api.config import Settings
 from service.api.errors import NotReady
 from service.bundle import Bundle
 from service.bundle.intake import IntakeLimits
+from service.engine.admission import PixelBudget, WorkPool
 from service.engine.metrics import Metrics
+from service.engine.models import LoadedModel, Models
 from service.engine.protocol import InferenceEngine
-from service.runtime.backend import Backend
 
 log = logging.getLogger("vqtok.service")
 
@@ -21,25 +21,43 @@ log = logging.getLogger("vqtok.service")
 @dataclass
 class ServiceState:
     settings: Settings
-    bundle: Bundle
     metrics: Metrics
-    limits: IntakeLimits
     pool: WorkPool
     budget: PixelBudget
-    backend: Backend | None = None
-    engine: InferenceEngine | None = None
+    models: Models = field(default_factory=Models)
+    # Set once every bundle named at start-up is loaded and warm: /readyz and the API answer 503 before.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
-    model_info: dict[str, Any] = field(default_factory=dict)
     last_problem: str | None = None
 
-    def require_ready(self) -> InferenceEngine:
-        if not self.ready.is_set() or self.engine is None:
+    def limits_for(self, bundle: Bundle) -> IntakeLimits:
+        s = self.settings
+        return IntakeLimits(bundle.image_size, bundle.size_multiple, s.max_image_pixels, s.max_native_pixels)
+
+    def require_ready(self) -> None:
+        if not self.ready.is_set():
             raise NotReady("the model is still warming up", headers={"Retry-After": str(self.settings.retry_after_s)})
-        return self.engine
+
+    # -- the default bundle (the first loaded): /v1/model, and tests --------------------------------
+    @property
+    def default(self) -> LoadedModel:
+        return self.models.resolve(None)
+
+    @property
+    def engine(self) -> InferenceEngine:
+        return self.default.engine
+
+    @property
+    def bundle(self) -> Bundle:
+        return self.default.bundle
+
+    @property
+    def limits(self) -> IntakeLimits:
+        return self.limits_for(self.bundle)
 
     def problem(self) -> str | None:
         """Why the service cannot serve right now although it was ready (a stuck or dead batcher)."""
-        problem = self.engine.problem(self.settings.batch_watchdog_s) if self.engine is not None else None
+        watchdog = self.settings.batch_watchdog_s
+        problem = next((f"{m.ref}: {p}" for m in self.models if (p := m.engine.problem(watchdog))), None)
         if problem != self.last_problem:
             if problem is not None:
                 log.error("not ready: %s", problem)

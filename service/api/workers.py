@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
 import os
 import shutil
 import signal
@@ -32,7 +31,7 @@ from fastapi import FastAPI
 
 from service.api.config import Settings
 from service.bundle import Bundle
-from service.engine.process import EngineSetup, run_engine
+from service.engine.process import EngineProcess, EngineSetup, EngineStartFailed
 from service.engine.remote import RemoteBackend, RemoteEngine
 
 log = logging.getLogger("vqtok.service")
@@ -50,64 +49,52 @@ def worker_app() -> FastAPI:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = os.environ[ENGINE_SOCKET]
     bundle = Bundle.load(settings.model_dir, verify=False)  # the parent verified every file
-    backend = RemoteBackend(bundle, json.loads(os.environ[ENGINE_INFO]))
-    return create_app(settings, bundle=bundle, backend=backend,
-                      engine_factory=lambda b, m: RemoteEngine(b, settings.engine_config(), m, path,
-                                                               settings.request_timeout_s))
+    info = json.loads(os.environ[ENGINE_INFO])  # by bundle: the engine process holds every one
+    return create_app(settings, bundle=bundle,
+                      backend_factory=lambda b: RemoteBackend(b, info[b.sha256]),
+                      engine_factory=lambda b, m, ref: RemoteEngine(b, settings.engine_config(), m, path,
+                                                                    settings.request_timeout_s))
 
 
 def serve_workers(settings: Settings, workers: int, uvicorn_options: dict[str, Any]) -> int:
     """Run the engine process and ``workers`` front ends; the exit status of ``vqtok serve``."""
     import uvicorn
 
-    from service.api.app import runtime_config
+    from service.api.app import runtime_config, startup_bundles
 
-    ctx = multiprocessing.get_context("spawn")
     tmp = Path(tempfile.mkdtemp(prefix="vqtok-engine-"))
     path = str(tmp / "engine.sock")
-    status, child_end = ctx.Pipe()  # the engine reports on it; the parent says "stop" on it
-    setup = EngineSetup(str(settings.model_dir), runtime_config(settings), settings.engine_config(), settings.log_level)
-    engine = ctx.Process(target=run_engine, args=(setup, path, child_end),
-                         name="vqtok-engine")
-    engine.start()
-    child_end.close()
+    dirs = [str(b.root) for _, b in startup_bundles(settings, Bundle.load(settings.model_dir))]
+    engine = EngineProcess(EngineSetup(dirs, runtime_config(settings), settings.engine_config(), settings.log_level),
+                           path)
     try:
-        while not status.poll(0.5):
-            if not engine.is_alive():
-                print(f"vqtok serve: the engine process exited with {engine.exitcode}", file=sys.stderr)
-                return 2
-        kind, payload = status.recv()
-        if kind == "error":
-            engine.join(10)
-            print(f"vqtok serve: refusing to start: {payload}", file=sys.stderr)
+        try:
+            payload = engine.wait_loaded()
+        except EngineStartFailed as e:
+            print(f"vqtok serve: refusing to start: {e}", file=sys.stderr)
             return 2
-        log.info("engine process %d on %s%s; starting %d front-end workers", engine.pid, payload["provider"],
-                 f" ({payload['gpu_name']})" if payload.get("gpu_name") else "", workers)
+        first = next(iter(payload.values()))
+        log.info("engine process %d on %s%s with %d bundles; starting %d front-end workers", engine.process.pid,
+                 first["provider"], f" ({first['gpu_name']})" if first.get("gpu_name") else "", len(payload), workers)
         # The workers are spawned: they read everything, CLI overrides included, from the environment.
         os.environ.update({ENGINE_SOCKET: path, ENGINE_INFO: json.dumps(payload),
-                           "VQTOK_MODEL_DIR": str(settings.model_dir), "VQTOK_HOST": settings.host,
+                           "VQTOK_MODEL_DIR": str(settings.model_dir), "VQTOK_MODEL_NAME": settings.model_name,
+                           "VQTOK_EXTRA_MODELS": ",".join(settings.extra_models),
+                           "VQTOK_MODELS_DIR": str(settings.models_dir or ""), "VQTOK_HOST": settings.host,
                            "VQTOK_PORT": str(settings.port)})
         stopping = threading.Event()
 
         def watch() -> None:  # an engine that dies takes the front ends down with it
-            engine.join()
+            engine.process.join()
             if not stopping.is_set():
-                log.error("the engine process exited with %s; stopping", engine.exitcode)
+                log.error("the engine process exited with %s; stopping", engine.process.exitcode)
                 os.kill(os.getpid(), signal.SIGTERM)
 
         threading.Thread(target=watch, name="engine-watch", daemon=True).start()
         uvicorn.run("service.api.workers:worker_app", factory=True, host=settings.host, port=settings.port,
                     workers=workers, **uvicorn_options)
         stopping.set()
-        return 0 if engine.is_alive() else 3
+        return 0 if engine.process.is_alive() else 3
     finally:
-        if engine.is_alive():
-            try:
-                status.send("stop")
-            except OSError:  # it is exiting anyway
-                pass
-            engine.join(30)
-            if engine.is_alive():
-                engine.kill()
-        status.close()
+        engine.stop()
         shutil.rmtree(tmp, ignore_errors=True)

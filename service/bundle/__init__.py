@@ -8,13 +8,15 @@ from service.bundle.manifest import (
     DEFAULT_BUNDLE,
     ENCODER,
     FORMAT_VERSION,
+    ID_CHARS,
     MANIFEST,
     Bundle,
     BundleError,
     Level,
     prior_graph,
     sha256_file,
+    version_id,
 )
 
-__all__ = ["DECODER", "DEFAULT_BUNDLE", "ENCODER", "FORMAT_VERSION", "MANIFEST", "Bundle", "BundleError", "Level",
-           "prior_graph", "sha256_file"]
+__all__ = ["DECODER", "DEFAULT_BUNDLE", "ENCODER", "FORMAT_VERSION", "ID_CHARS", "MANIFEST", "Bundle", "BundleError",
+           "Level", "prior_graph", "sha256_file", "version_id"]

@@ -28,6 +28,16 @@ ENCODER, DECODER = "encoder", "decoder"
 SAMPLING_KEYS = ("row", "pixel", "num_codes", "pad_code", "vcache", "hcache")
 
 
+ID_CHARS = 12  # hex digits of the manifest's sha256 in a version id (more when two loaded ones share them)
+
+
+def version_id(sha256: str, taken: set[str] = frozenset()) -> str:
+    n = ID_CHARS
+    while any(t.startswith(sha256[:n]) or sha256.startswith(t) for t in taken) and n < len(sha256):
+        n += 4
+    return sha256[:n]
+
+
 class BundleError(RuntimeError):
     """A bundle that cannot be used: missing or malformed manifest, missing file, checksum mismatch."""
 
@@ -188,6 +198,11 @@ class Bundle:
     def sha256(self) -> str:
         """One digest for the whole bundle: of the manifest's bytes, which hold every file's digest."""
         return sha256_file(self.root / MANIFEST)
+
+    def version_id(self, taken: set[str] = frozenset()) -> str:
+        """The version id codes are tagged with: the shortest prefix of ``sha256`` (at least ``ID_CHARS``
+        hex digits) that no id in ``taken`` (the other loaded bundles') shares."""
+        return version_id(self.sha256, taken)
 
     def has(self, graph: str) -> bool:
         return graph in self.manifest["files"]

@@ -76,6 +76,46 @@ def check_range(grid: np.ndarray, num_codes: int) -> str | None:
     return None
 
 
+class InvalidCodes(ValueError):
+    """One item's grids do not fit the bundle; the message names the field (``items[0].top``)."""
+
+    def __init__(self, message: str, code: str = "invalid_codes"):
+        super().__init__(message)
+        self.message, self.code = message, code
+
+
+def check_item(item: dict[str, np.ndarray], levels: dict[str, Any], max_pixels: int, where: str) -> Grids:
+    """One item's grids checked against a bundle's ``levels`` (name -> ``Level``): one per level, codes
+    in [0, K), shapes that imply one image size, at most ``max_pixels`` decoded. ``where`` names the item
+    in messages (``items[0]``). Raises ``InvalidCodes``."""
+    unknown = sorted(set(item) - set(levels))
+    if unknown:
+        raise InvalidCodes(f"{where}.{unknown[0]}: not a level of this bundle (its levels: {', '.join(levels)})",
+                           "invalid_request")
+    grids: Grids = {}
+    size: tuple[int, int] | None = None
+    first: tuple[str, tuple[int, ...]] | None = None
+    for name, level in levels.items():
+        if name not in item:
+            raise InvalidCodes(f"{where}.{name}: field required (one grid per level: {', '.join(levels)})",
+                               "invalid_request")
+        grid = item[name]
+        problem = check_range(grid, level.codebook_size)
+        if problem:
+            raise InvalidCodes(f"{where}.{name}: {problem}")
+        implied = (grid.shape[0] * level.stride, grid.shape[1] * level.stride)
+        if size is None:
+            size, first = implied, (name, grid.shape)
+        elif implied != size:
+            want = [size[0] // level.stride, size[1] // level.stride]
+            raise InvalidCodes(f"{where}.{name}: shape {list(grid.shape)} does not match {where}.{first[0]} "
+                               f"{list(first[1])} (expected {want})")
+        grids[name] = grid
+    if size[0] * size[1] > max_pixels:
+        raise InvalidCodes(f"{where}: decodes to {size[1]}x{size[0]}, over the limit of {max_pixels} pixels")
+    return grids
+
+
 def grid_to_wire(grid: np.ndarray, fmt: GridFormat = "b64") -> Any:
     """int [h, w] -> nested lists (``tolist`` is the fastest way to JSON) or the compact form."""
     if fmt == "b64":

@@ -59,9 +59,9 @@ class _Job:
 
 class Batcher:
     def __init__(self, name: str, fn: BatchFn, key: Callable[[Any], Hashable], config: BatcherConfig,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, model: str = ""):
         self.name, self.fn, self.key, self.config = name, fn, key, config
-        self.metrics: OpMetrics | None = metrics.for_op(name) if metrics is not None else None
+        self.metrics: OpMetrics | None = metrics.for_op(name, model) if metrics is not None else None
         self._queues: dict[Hashable, deque[_Job]] = {}
         self._counts: dict[Hashable, int] = {}
         self._depth = 0

@@ -26,7 +26,8 @@ SAMPLING_UNAVAILABLE = "this bundle has no priors, so it cannot sample"
 class Engine:
     """``InferenceEngine`` in this process."""
 
-    def __init__(self, backend: Backend, config: EngineConfig, metrics: Metrics | None = None):
+    def __init__(self, backend: Backend, config: EngineConfig, metrics: Metrics | None = None, model: str = ""):
+        """``model`` labels its metrics (the version's ``name@id``)."""
         self.backend = backend
         self.levels = backend.bundle.level_names
         self.max_delay_ms = config.batch_delay_ms(backend.provider)
@@ -35,12 +36,12 @@ class Engine:
         delay = self.max_delay_ms / 1000.0
         cfg = BatcherConfig(max_batch=self.max_batch, max_delay_s=delay, queue_limit=config.queue_limit,
                             retry_after_s=config.retry_after_s, streams=self.streams)
-        self.encoder = Batcher("encode", self._encode_batch, _shape_key, cfg, metrics)
-        self.decoder = Batcher("decode", self._decode_batch, _codes_key, cfg, metrics)
+        self.encoder = Batcher("encode", self._encode_batch, _shape_key, cfg, metrics, model)
+        self.decoder = Batcher("decode", self._decode_batch, _codes_key, cfg, metrics, model)
         self.sampler: Batcher | None = None
         self.scorer: Batcher | None = None  # code lengths under the priors (?bits=true)
         if backend.can_sample:
-            self.scorer = Batcher("bits", self._bits_batch, _codes_key, cfg, metrics)
+            self.scorer = Batcher("bits", self._bits_batch, _codes_key, cfg, metrics, model)
             # One sampling loop at a time, whatever the streams: requests that arrive while it runs
             # share the next loop, which costs far less CPU than a loop each (one thread: 8 samples
             # take 2.8x as long as 1, bench/results/sampling_1thread.json).
@@ -52,7 +53,7 @@ class Engine:
             sample_cfg = BatcherConfig(max_batch=sample_batch, max_delay_s=delay,
                                        queue_limit=max(config.queue_limit, config.sample_max_batch),
                                        retry_after_s=config.retry_after_s, streams=1, stoppable=True)
-            self.sampler = Batcher("sample", self._sample_batch, _same_key, sample_cfg, metrics)
+            self.sampler = Batcher("sample", self._sample_batch, _same_key, sample_cfg, metrics, model)
 
     @property
     def can_sample(self) -> bool:

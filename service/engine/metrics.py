@@ -20,25 +20,47 @@ class Metrics:
         self.latency = Histogram("vqtok_request_latency_seconds", "HTTP request latency",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_time = Histogram("vqtok_queue_time_seconds", "time a request waits for its batch",
-                                    ["op"], buckets=LATENCY_BUCKETS, registry=r)
+                                    ["op", "model"], buckets=LATENCY_BUCKETS, registry=r)
         self.inference_time = Histogram("vqtok_inference_time_seconds", "time to run one batch",
-                                        ["op"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch_size = Histogram("vqtok_batch_size", "items per batch", ["op"], buckets=BATCH_BUCKETS,
+                                        ["op", "model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("vqtok_batch_size", "items per batch", ["op", "model"], buckets=BATCH_BUCKETS,
                                     registry=r)
-        self.queue_depth = Gauge("vqtok_queue_depth", "items waiting in a batcher's queue", ["op"], registry=r)
-        self.batch_failures = Counter("vqtok_batch_failures", "batches whose inference raised", ["op"],
+        self.queue_depth = Gauge("vqtok_queue_depth", "items waiting in a batcher's queue", ["op", "model"],
+                                 registry=r)
+        self.batch_failures = Counter("vqtok_batch_failures", "batches whose inference raised", ["op", "model"],
                                       registry=r)
+        self._warmups: SizeWarmups | None = None
         self.pixels_in_flight = Gauge("vqtok_pixels_in_flight", "pixels admitted requests hold (decoding, "
                                       "queued, running, answering)", registry=r)
 
-    def watch_backend(self, backend: object) -> None:
+    def watch_backend(self, backend: object, model: str = "") -> None:
         """Export the backend's warm-ups of new input sizes (fit=none sizes on CUDA), if it counts them."""
-        if hasattr(backend, "size_warmups"):
-            self.registry.register(SizeWarmups(backend))
+        if not hasattr(backend, "size_warmups"):
+            return
+        if self._warmups is None:
+            self._warmups = SizeWarmups()
+            self.registry.register(self._warmups)
+        self._warmups.backends[model] = backend
 
-    def for_op(self, op: str) -> OpMetrics:
-        return OpMetrics(self.queue_time.labels(op), self.inference_time.labels(op), self.batch_size.labels(op),
-                         self.queue_depth.labels(op), self.batch_failures.labels(op))
+    def unwatch_backend(self, model: str) -> None:
+        if self._warmups is not None:
+            self._warmups.backends.pop(model, None)
+
+    def for_op(self, op: str, model: str) -> OpMetrics:
+        """One operation's metrics for one loaded version (``model`` is its ``name@id``)."""
+        labels = (op, model)
+        return OpMetrics(self.queue_time.labels(*labels), self.inference_time.labels(*labels),
+                         self.batch_size.labels(*labels), self.queue_depth.labels(*labels),
+                         self.batch_failures.labels(*labels))
+
+    def forget(self, model: str) -> None:
+        """Drop an unloaded version's series."""
+        for metric in (self.queue_time, self.inference_time, self.batch_size, self.queue_depth, self.batch_failures):
+            for op in ("encode", "decode", "sample", "bits"):
+                try:
+                    metric.remove(op, model)
+                except KeyError:
+                    pass
 
 
 @dataclass(frozen=True)
@@ -55,15 +77,17 @@ class OpMetrics:
 class SizeWarmups(Collector):
     """Read at scrape time from the backend's counters (the runtime layer knows nothing of Prometheus)."""
 
-    def __init__(self, backend: object):
-        self.backend = backend
+    def __init__(self) -> None:
+        self.backends: dict[str, object] = {}  # loaded version ("name@id") -> its backend
 
     def collect(self):
         count = CounterMetricFamily("vqtok_size_warmups", "input sizes seen for the first time, each warmed "
-                                    "at every batch bucket by the request that brought it", labels=["op"])
-        seconds = CounterMetricFamily("vqtok_size_warmup_seconds", "time those warm-ups took", labels=["op"])
-        for op in ("encode", "decode"):
-            count.add_metric([op], self.backend.size_warmups[op])
-            seconds.add_metric([op], self.backend.size_warmup_seconds[op])
+                                    "at every batch bucket by the request that brought it", labels=["op", "model"])
+        seconds = CounterMetricFamily("vqtok_size_warmup_seconds", "time those warm-ups took",
+                                      labels=["op", "model"])
+        for model, backend in list(self.backends.items()):
+            for op in ("encode", "decode"):
+                count.add_metric([op, model], backend.size_warmups[op])
+                seconds.add_metric([op, model], backend.size_warmup_seconds[op])
         yield count
         yield seconds

@@ -45,36 +45,38 @@ from service.runtime.session import RuntimeConfig
 log = logging.getLogger("vqtok.engine")
 
 
-def engine_info(backend: OrtBackend) -> dict[str, Any]:
-    """What the front ends need to know of the backend they never see."""
-    return {"provider": backend.provider, "gpu_name": backend.gpu_name, "can_sample": backend.can_sample,
-            "sampler": backend.sampler_method}
+def engine_info(backends: dict[str, OrtBackend]) -> dict[str, dict[str, Any]]:
+    """What the front ends need to know of the backends they never see, by bundle (manifest sha256)."""
+    return {sha: {"provider": b.provider, "gpu_name": b.gpu_name, "can_sample": b.can_sample,
+                  "sampler": b.sampler_method} for sha, b in backends.items()}
 
 
 @dataclass(frozen=True)
 class EngineSetup:
     """Everything the engine process needs, sent to it at spawn (plain dataclasses pickle)."""
 
-    model_dir: str
+    model_dirs: list[str]  # every bundle the server starts with, in order
     runtime: RuntimeConfig
     engine: EngineConfig
     log_level: str = "info"
 
 
 class EngineServer:
-    def __init__(self, backend: OrtBackend, config: EngineConfig):
-        self.backend, self.config = backend, config
-        self.levels = backend.bundle.level_names
+    """One ``Engine`` per bundle; requests name theirs by its manifest's sha256 (``model``)."""
+
+    def __init__(self, backends: dict[str, OrtBackend], config: EngineConfig):
+        self.backends, self.config = backends, config
         self.metrics = Metrics()
-        self.metrics.watch_backend(backend)
-        self.engine: Engine | None = None
+        self.engines: dict[str, Engine] = {}
         self.ready = asyncio.Event()
         self.listening = asyncio.Event()
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def serve(self, path: str | Path, stop: asyncio.Event) -> None:
-        self.engine = Engine(self.backend, self.config, self.metrics)
-        self.engine.start()
+        for sha, backend in self.backends.items():
+            self.metrics.watch_backend(backend, f"{backend.bundle.name}@{sha[:12]}")
+            self.engines[sha] = Engine(backend, self.config, self.metrics, f"{backend.bundle.name}@{sha[:12]}")
+            self.engines[sha].start()
         server = await asyncio.start_unix_server(self._connection, path=str(path))
         self.listening.set()
         warm = asyncio.create_task(self._warm_up())
@@ -85,10 +87,12 @@ class EngineServer:
             server.close()
             for writer in list(self._writers):
                 writer.close()
-            await self.engine.stop()
+            for engine in self.engines.values():
+                await engine.stop()
 
     async def _warm_up(self) -> None:
-        await asyncio.to_thread(self.backend.warmup)
+        for backend in self.backends.values():
+            await asyncio.to_thread(backend.warmup)
         self.ready.set()
         log.info("engine warm-up done")
         for writer in list(self._writers):
@@ -148,7 +152,10 @@ class EngineServer:
             writer.write(frame(reply))
 
     async def _run(self, msg: dict, seg: Slab) -> dict:
-        engine, levels = self.engine, self.levels
+        engine = self.engines.get(msg.get("model", ""))
+        if engine is None:
+            raise InvalidRequest(f"the engine holds no bundle {msg.get('model')!r}")
+        levels = engine.levels
         deadline = asyncio.get_running_loop().time() + msg["t"]
         op = msg["op"]
         if op == "encode":
@@ -181,7 +188,10 @@ def run_engine(setup: EngineSetup, path: str, status: Connection) -> None:
     """The engine process's main: load, report ("loaded", info) or ("error", message), then serve."""
     logging.basicConfig(level=setup.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        backend = OrtBackend(Bundle.load(setup.model_dir, verify=False), setup.runtime)
+        backends = {}
+        for d in setup.model_dirs:
+            bundle = Bundle.load(d, verify=False)
+            backends[bundle.sha256] = OrtBackend(bundle, setup.runtime)
     except Exception as e:  # noqa: BLE001 - reported to the parent, which exits with it
         status.send(("error", str(e)))
         return
@@ -210,10 +220,49 @@ def run_engine(setup: EngineSetup, path: str, status: Connection) -> None:
             stop.set()
 
         loop.add_reader(status.fileno(), parent_said)
-        server = EngineServer(backend, setup.engine)
+        server = EngineServer(backends, setup.engine)
         serving = asyncio.create_task(server.serve(path, stop))
         await server.listening.wait()
-        status.send(("loaded", engine_info(backend)))
+        status.send(("loaded", engine_info(backends)))
         await serving
 
     asyncio.run(main())
+
+
+class EngineStartFailed(RuntimeError):
+    """The engine process could not load its bundles or device (the message says why)."""
+
+
+class EngineProcess:
+    """The engine process seen from the parent: started, waited on until its sessions are open, stopped."""
+
+    def __init__(self, setup: EngineSetup, socket_path: str):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._status, child_end = ctx.Pipe()  # the engine reports on it; the parent says "stop" on it
+        self.process = ctx.Process(target=run_engine, args=(setup, socket_path, child_end), name="vqtok-engine")
+        self.process.start()
+        child_end.close()
+
+    def wait_loaded(self) -> dict[str, dict[str, Any]]:
+        """The engine's info on every bundle (``engine_info``); raises ``EngineStartFailed``."""
+        while not self._status.poll(0.5):
+            if not self.process.is_alive():
+                raise EngineStartFailed(f"the engine process exited with {self.process.exitcode}")
+        kind, payload = self._status.recv()
+        if kind == "error":
+            self.process.join(10)
+            raise EngineStartFailed(payload)
+        return payload
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            try:
+                self._status.send("stop")
+            except OSError:  # it is exiting anyway
+                pass
+            self.process.join(30)
+            if self.process.is_alive():
+                self.process.kill()
+        self._status.close()

@@ -183,7 +183,7 @@ class RemoteEngine:
             region.view(spec)[...] = array
         rid = next(self._ids)
         timeout = self.default_timeout if deadline is None else max(deadline - loop.time(), 0.0)
-        msg = {"id": rid, "op": op, "t": timeout, "in": in_specs,
+        msg = {"id": rid, "op": op, "model": self.bundle.sha256, "t": timeout, "in": in_specs,
                "out": [out_specs[i:i + group] for i in range(0, len(out_specs), group)] if group else out_specs,
                "seg": own.name if own is not None else None, **(extra or {})}
         fut = loop.create_future()

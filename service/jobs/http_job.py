@@ -75,7 +75,7 @@ async def service_bundle(client: AsyncClient, cfg: JobConfig) -> BundleId:
     if "sha256" not in info:
         raise JobAborted("the service does not report its bundle's sha256 in /v1/model (an older vqtok?); "
                          "the job records it in every shard, so upgrade the service")
-    return BundleId(info["name"], info["sha256"])
+    return BundleId(info["name"], info["sha256"], info.get("version", ""))
 
 
 async def _read(cfg: JobConfig, path: str, output: JobOutput) -> tuple[bytes, Stamp] | None:

@@ -1,7 +1,8 @@
 """Parquet shards for training pipelines (needs pyarrow: the ``[parquet]`` extra).
 
 One row per image: ``path`` (relative to DIR), ``height`` and ``width`` of the source image,
-one column per level holding its uint16 [h, w] grid, and ``bundle`` / ``bundle_sha256`` (the
+one column per level holding its uint16 [h, w] grid, ``bundle_version`` (the id ``/v1/decode`` takes back),
+and ``bundle`` / ``bundle_sha256`` (the
 model the codes belong to; dictionary-encoded, so they cost nothing per row). A level column is
 Arrow's fixed-shape tensor type (stored as a fixed-size list of uint16), so pyarrow reads a whole
 column back as one numpy array, and any Parquet reader sees plain lists:
@@ -38,6 +39,8 @@ def shard_table(rows: Encoded, bundle: BundleId):
         columns[level] = pa.FixedShapeTensorArray.from_numpy_ndarray(grids)
     columns["bundle"] = pa.DictionaryArray.from_arrays(pa.array([0] * n, pa.int32()), [bundle.name])
     columns["bundle_sha256"] = pa.DictionaryArray.from_arrays(pa.array([0] * n, pa.int32()), [bundle.sha256])
+    # The version id the service tags these codes with: send it back with them to /v1/decode.
+    columns["bundle_version"] = pa.DictionaryArray.from_arrays(pa.array([0] * n, pa.int32()), [bundle.version])
     return pa.table(columns)
 
 

@@ -2,22 +2,29 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from service.bundle import Bundle
+from service.bundle import Bundle, version_id
 
 
 @dataclass(frozen=True)
 class BundleId:
+    """The bundle a job's codes come from: its name, its manifest's sha256 (what resume checks) and the
+    version id the service tags its codes with (what a decode request sends back)."""
     name: str
     sha256: str
+    version: str = field(default="", compare=False)  # derived from sha256: a resume compares the sha256
+
+    def __post_init__(self):
+        if not self.version:
+            object.__setattr__(self, "version", version_id(self.sha256))
 
     @classmethod
     def of(cls, bundle: Bundle) -> BundleId:
-        return cls(bundle.name, bundle.sha256)
+        return cls(bundle.name, bundle.sha256, bundle.version_id())
 
 
 @dataclass

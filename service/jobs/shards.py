@@ -4,8 +4,8 @@ Every job (HTTP, local, Ray) writes through ``JobOutput``, so they share one for
 guarantees:
 
 - ``OUT/shard-000000.npz`` and on: ``paths`` (relative to DIR), ``height``/``width`` (the source
-  image, EXIF orientation applied), one uint16 [n, h, w] grid per level, and ``bundle_name`` /
-  ``bundle_sha256``. Numbers are zero-padded to 6 digits and sorted as integers, so shard
+  image, EXIF orientation applied), one uint16 [n, h, w] grid per level, ``bundle_version`` (the id
+  ``/v1/decode`` takes back with the codes) and ``bundle_name`` / ``bundle_sha256``. Numbers are zero-padded to 6 digits and sorted as integers, so shard
   1,000,000 follows 999,999. With ``parquet=True`` each shard gets a Parquet twin for trainers
   (``service.jobs.parquet``), written before the npz: the npz is the commit mark.
 - Shards are written whole: a hidden temporary file, fsync, rename, fsync of the folder.
@@ -189,7 +189,8 @@ class ShardWriter:
                 write_parquet(final.with_suffix(".parquet"), rows, self.bundle)
             buf = io.BytesIO()
             np.savez(buf, paths=np.array(rows.paths), height=rows.sizes[:, 0], width=rows.sizes[:, 1],
-                     bundle_name=np.array(self.bundle.name), bundle_sha256=np.array(self.bundle.sha256), **rows.codes)
+                     bundle_name=np.array(self.bundle.name), bundle_sha256=np.array(self.bundle.sha256),
+                     bundle_version=np.array(self.bundle.version), **rows.codes)
             write_atomic(final, buf.getvalue())
         except OSError as e:
             self.failed = True
@@ -304,7 +305,8 @@ class JobOutput:
     def _parquet_from_npz(self, shard: Path) -> None:
         """A crash between the two renames, or an earlier run without ``parquet``: add the twin."""
         with np.load(shard, allow_pickle=False) as data:
-            levels = [k for k in data.files if k not in ("paths", "height", "width", "bundle_name", "bundle_sha256")]
+            levels = [k for k in data.files
+                      if k not in ("paths", "height", "width", "bundle_name", "bundle_sha256", "bundle_version")]
             rows = Encoded([str(p) for p in data["paths"]], np.stack([data["height"], data["width"]], 1),
                            {k: data[k] for k in levels})
         write_parquet(shard.with_suffix(".parquet"), rows, self.bundle)

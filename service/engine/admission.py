@@ -5,7 +5,8 @@ headers (or code grids, or sample count) are known it holds a ``Ticket`` for its
 header pixels it will decode, then the arrays it keeps and the images it answers. All tickets
 together stay under ``max_pixels_in_flight``; past it a request gets 503 (retry), and a request
 that could never fit gets 413. Tickets are released when the request has been answered, however
-it ends (``ReleaseTickets``), so decoded arrays waiting in a batcher's queue count too.
+it ends (the HTTP layer's ``ReleaseTickets`` releases what a request's ``held`` list holds), so decoded
+arrays waiting in a batcher's queue count too.
 
 ``WorkPool`` runs image decoding and large JSON parsing in a fixed number of threads; what waits
 for it holds its ticket, so the pool's queue is bounded by the same budget. Its work is cancelled
@@ -21,12 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from prometheus_client import Gauge
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.api.errors import Overloaded, PayloadTooLarge
+from service.engine.errors import Overloaded, TooLarge
 
 T = TypeVar("T")
-TICKETS = "vqtok.tickets"  # the scope key holding a request's tickets
 
 
 class PixelBudget:
@@ -39,11 +38,12 @@ class PixelBudget:
         if self.gauge is not None:
             self.gauge.set(self.held)
 
-    def admit(self, scope: Scope, pixels: int, what: str) -> Ticket:
-        """A ticket for ``pixels``, released with the request (``scope``); ``what`` names the cost."""
+    def admit(self, held: list, pixels: int, what: str) -> Ticket:
+        """A ticket for ``pixels``, appended to ``held`` (what the request releases when answered);
+        ``what`` names the cost."""
         ticket = Ticket(self)
         ticket.resize(pixels, what)
-        scope.setdefault(TICKETS, []).append(ticket)
+        held.append(ticket)
         return ticket
 
 
@@ -57,31 +57,16 @@ class Ticket:
         grow = pixels - self.pixels
         if grow > 0:
             if pixels > b.limit:
-                raise PayloadTooLarge(f"{what} come to {pixels} pixels; the server admits at most {b.limit} "
-                                      "at once (VQTOK_MAX_PIXELS_IN_FLIGHT)", code="too_many_pixels")
+                raise TooLarge(f"{what} come to {pixels} pixels; the server admits at most {b.limit} "
+                               "at once (VQTOK_MAX_PIXELS_IN_FLIGHT)", code="too_many_pixels")
             if b.held + grow > b.limit:
-                raise Overloaded("too many pixels in flight on this server; retry later",
-                                 headers={"Retry-After": str(b.retry_after_s)})
+                raise Overloaded("too many pixels in flight on this server; retry later", retry_after_s=b.retry_after_s)
         b._add(grow)
         self.pixels = pixels
 
     def release(self) -> None:
         self.budget._add(-self.pixels)
         self.pixels = 0
-
-
-class ReleaseTickets:
-    """Releases a request's tickets once it has been answered (or has failed, or was cancelled)."""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            for ticket in scope.get(TICKETS, ()):
-                ticket.release()
 
 
 class WorkPool:
