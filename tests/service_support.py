@@ -93,14 +93,16 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve_process(bundle_dir: Path, env: dict[str, str] | None = None, ready_timeout: float = 60):
-    """A ``python -m service.cli serve`` subprocess; yields (process, base_url) once /readyz is 200."""
+def serve_process(bundle_dir: Path, env: dict[str, str] | None = None, ready_timeout: float = 60,
+                  args: tuple[str, ...] = ()):
+    """A ``python -m service.cli serve`` subprocess; yields (process, base_url) once /readyz is 200.
+    ``args``: more ``vqtok serve`` arguments (``--model``, ``--models``)."""
     port = free_port()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("VQTOK_")}
     full_env.update({"VQTOK_DEVICE": "cpu", "VQTOK_INTRA_OP_THREADS": "1", "VQTOK_LOG_LEVEL": "warning",
                      "PYTHONPATH": str(ROOT), **(env or {})})
     log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - a file, not a pipe: a chatty server never blocks
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(bundle_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(bundle_dir), *args,
                              "--host", "127.0.0.1", "--port", str(port)], cwd=ROOT, env=full_env,
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     proc.log = log

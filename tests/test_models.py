@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import export_tiny_bundle, random_images
 from PIL import Image
-from service_support import image_files, png_bytes, run, serving
+from service_support import image_files, png_bytes, run, serve_process, serving
 
 from service.bundle import Bundle
 from service.client import AsyncClient, Codes, VersionMismatchError
@@ -179,3 +179,29 @@ def test_load_and_unload_at_run_time(tiny_bundle, bundle_b, tmp_path):
             assert f'model="tiny@{b_id}"' in metrics and a_ref not in metrics
 
     run(main())
+
+
+def test_serve_takes_repeated_models_and_a_folder_of_them(tiny_bundle, bundle_b, tmp_path, capsys):
+    """``vqtok serve --model A --model NAME=B --models FOLDER``: every bundle served, in that order."""
+    import httpx
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    shutil.copytree(bundle_b, folder / "from-folder")
+    with open(folder / "from-folder" / "manifest.json", "r+") as f:  # a second manifest: another version
+        manifest = json.load(f)
+        manifest["name"] = "renamed"
+        f.seek(0)
+        json.dump(manifest, f)
+        f.truncate()
+    (folder / "not-a-bundle").mkdir()
+    with serve_process(tiny_bundle, args=("--model", f"b={bundle_b}", "--models", str(folder))) as (_, url):
+        listed = httpx.get(f"{url}/v1/models").json()
+    assert listed["default"] == "tiny"
+    assert [m["name"] for m in listed["models"]] == ["tiny", "b", "from-folder"]
+    # A broken bundle among them: the server refuses to start, with one line naming it.
+    from service.api.server import serve
+
+    (folder / "from-folder" / "encoder.onnx").write_bytes(b"broken")
+    assert serve(models=[str(tiny_bundle)], models_dir=folder) == 2
+    assert "encoder" in capsys.readouterr().err

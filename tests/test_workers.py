@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import TINY_SIZE, random_images
+from conftest import export_tiny_bundle, TINY_SIZE, random_images
 from PIL import Image
 from service_support import image_files, metric_value, png_bytes, read_log, serve_process
 
@@ -73,10 +73,17 @@ def reference(tiny_bundle):
     return OrtBackend(Bundle.load(tiny_bundle), RuntimeConfig(device="cpu", intra_op_threads=1))
 
 
-def test_two_workers_and_an_engine_answer_like_one_process(tiny_bundle, reference):
+@pytest.fixture(scope="module")
+def bundle_b(tmp_path_factory):
+    return export_tiny_bundle(tmp_path_factory.mktemp("bundle") / "tiny-b", seed=1)
+
+
+def test_two_workers_and_an_engine_answer_like_one_process(tiny_bundle, bundle_b, reference):
     images = random_images(4, seed=21)
     before = _segments()
-    with serve_process(tiny_bundle, env={"VQTOK_WORKERS": "2", "VQTOK_QUEUE_LIMIT": "4"}) as (proc, url):
+    env = {"VQTOK_WORKERS": "2", "VQTOK_QUEUE_LIMIT": "4", "VQTOK_EXTRA_MODELS": f"b={bundle_b}",
+           "VQTOK_ADMIN_KEY": "admin"}
+    with serve_process(tiny_bundle, env=env) as (proc, url):
         _all_ready(url)
         # The parent, two front ends and the engine (plus multiprocessing's resource tracker).
         spawned = [c for c in _children(proc.pid)
@@ -117,6 +124,18 @@ def test_two_workers_and_an_engine_answer_like_one_process(tiny_bundle, referenc
             wide = random_images(1, size=TINY_SIZE + 8, seed=4)
             r = c.post("/v1/encode", params={"fit": "none"}, files=image_files([png_bytes(wide[0])]))
             assert r.status_code == 200 and len(r.json()["items"][0]["bottom"]) == (TINY_SIZE + 8) // 4
+            # The engine process holds the second bundle too: its codes, its version, and its tag checked.
+            b = OrtBackend(Bundle.load(bundle_b), RuntimeConfig(device="cpu", intra_op_threads=1))
+            assert [m["name"] for m in c.get("/v1/models").json()["models"]] == ["tiny", "b"]
+            r = c.post("/v1/encode", params={"model": "b"}, files=image_files([png_bytes(images[0])]))
+            assert r.status_code == 200 and r.json()["version"] == Bundle.load(bundle_b).version_id(), r.text
+            assert (np.array(r.json()["items"][0]["top"]) == b.encode(images[:1])["top"][0]).all()
+            tagged = {k: r.json()["items"][0][k] for k in ("top", "bottom", "version")}
+            assert c.post("/v1/decode", params={"model": "tiny"}, json={"items": [tagged]}).status_code == 409
+            assert c.post("/v1/decode", json={"items": [tagged]}).status_code == 200
+            # Loading at run time is the one-process layout's: here a restart (501 says so).
+            r = c.post("/admin/models", json={"path": str(bundle_b)}, headers={"Authorization": "Bearer admin"})
+            assert r.status_code == 501, r.text
             # The engine's batch metrics show on a front end's /metrics, next to its own request counts.
             text = c.get("/metrics").text
             assert metric_value(text, "vqtok_batch_size_count", op="encode") >= 2

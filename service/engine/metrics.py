@@ -30,6 +30,7 @@ class Metrics:
         self.batch_failures = Counter("vqtok_batch_failures", "batches whose inference raised", ["op", "model"],
                                       registry=r)
         self._warmups: SizeWarmups | None = None
+        self.mirrored = False  # a workers-layout front end shows the engine process's batch metrics instead
         self.pixels_in_flight = Gauge("vqtok_pixels_in_flight", "pixels admitted requests hold (decoding, "
                                       "queued, running, answering)", registry=r)
 

@@ -239,7 +239,11 @@ def fetch_engine_metrics(path: str, timeout: float = 2.0) -> str:
 
 
 def mirror_engine_metrics(metrics: Metrics, path: str) -> None:
-    """A front end runs no batches: its batch metrics are replaced by the engine's."""
+    """A front end runs no batches: its batch metrics are replaced by the engine's (once: the engine's
+    cover every bundle it holds)."""
+    if metrics.mirrored:
+        return
+    metrics.mirrored = True
     for metric in (metrics.queue_time, metrics.inference_time, metrics.batch_size, metrics.queue_depth,
                    metrics.batch_failures):
         metrics.registry.unregister(metric)
