@@ -78,7 +78,10 @@ def native_report(vqvae, priors: dict, files: list[Path], multiple: int,
         row: dict[str, Any] = {"file": path.name, "height": image.shape[0], "width": image.shape[1],
                                "psnr": float(psnr(image, recon[0]))}
         if len(priors) == len(codes):
-            bits = sum(float(prior_bits(priors[n], *split_codes(codes, n)).sum()) for n in codes)
+            level_bits = {n: float(prior_bits(priors[n], *split_codes(codes, n)).sum()) for n in codes}
+            row["level_bits"] = level_bits
+            row["level_codes"] = {n: int(c.numel()) for n, c in codes.items()}
+            bits = sum(level_bits.values())
             budget = math.ceil(bits / 8)
             row.update(bits=bits, bytes=budget, bits_per_pixel=bits / (image.shape[0] * image.shape[1]))
             coded = {fmt: at_budget(image, fmt, budget) for fmt in CODECS}
@@ -95,6 +98,9 @@ def native_report(vqvae, priors: dict, files: list[Path], multiple: int,
                               "codes_used_pct": {n: usage_terms(c)["codes_used_pct"] for n, c in counts.items()}}
     if rows and "bits" in rows[0]:
         report["bits_per_pixel"] = float(np.mean([r["bits_per_pixel"] for r in rows]))
+        # Per level, pooled over every code of every file: what the priors cost at full-photo scale.
+        report["prior_bits_per_code"] = {
+            n: sum(r["level_bits"][n] for r in rows) / sum(r["level_codes"][n] for r in rows) for n in rows[0]["level_bits"]}
         for fmt in (f.lower() for f in CODECS):
             ps = np.array([r[fmt]["psnr"] for r in rows])
             report[fmt] = {"psnr": float(ps.mean()),
