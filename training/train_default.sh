@@ -6,7 +6,7 @@
 # VQ-VAE's codes), all bf16 on one CPU thread by default. It then evaluates on the comparison set (the
 # ImageNet sample's held-out share and the two built-in held-out photos: the 93 files of issue 16) and on the
 # held-out share of each super-resolution folder, and exports the round's bundle to $RUNS/roundN/bundle.
-# It never writes artifacts/default: bench/compare_bundles.py says whether a round beats the shipped bundle,
+# It never writes artifacts/default: python -m training.compare_evals says whether a round beats the shipped one,
 # and a person commits it.
 #
 # Every stage checkpoints often and resumes where it stopped, so re-running this script after a kill, a
