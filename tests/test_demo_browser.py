@@ -1,6 +1,7 @@
 """The demo page in a real browser: Debian's chromium (``/usr/bin/chromium``) driven by Playwright,
-against a real ``vqtok serve`` subprocess with the shipped bundle. Never a downloaded browser: the
-tests skip only when that chromium is absent (``.ci/run`` installs it).
+against a real ``vqtok serve`` subprocess with the shipped bundle (plus a tiny second bundle for the
+model selector). Never a downloaded browser: the tests skip only when that chromium is absent
+(``.ci/run`` installs it).
 
 Every value the page shows is checked against the API's own answer for the same input.
 
@@ -31,6 +32,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 KEY = "demo-test-key"
+ADMIN_KEY = "demo-admin-key"
 BODY_LIMIT = 40_000  # bytes: the keyed server refuses bigger uploads with a 413
 TIMEOUT_MS = 20_000
 
@@ -61,6 +63,19 @@ def keyed_server(tmp_path_factory):
     bundle = without_priors(DEFAULT_BUNDLE, tmp_path_factory.mktemp("bundle") / "no_priors")
     env = {"VQTOK_API_KEYS": KEY, "VQTOK_MAX_BODY_BYTES": str(BODY_LIMIT)}
     with serve_process(bundle, env=env) as (_, url):
+        yield url
+
+
+@pytest.fixture
+def two_model_server(tmp_path_factory):
+    """The shipped bundle (the default) and a second one, a tiny bundle served as ``b``; with the
+    admin API, so a test can unload ``b`` under the page (hence one server per test)."""
+    pytest.importorskip("torch", reason="the tiny bundle is exported from torch models")
+    from conftest import export_tiny_bundle
+
+    bundle_b = export_tiny_bundle(tmp_path_factory.mktemp("bundle") / "b", seed=1)
+    env = {"VQTOK_EXTRA_MODELS": f"b={bundle_b}", "VQTOK_ADMIN_KEY": ADMIN_KEY}
+    with serve_process(DEFAULT_BUNDLE, env=env) as (_, url):
         yield url
 
 
@@ -272,11 +287,11 @@ def test_api_errors_show_their_message(page, server, tmp_path):
     # (A real 503 is in the keys test: sampling from a bundle without priors.)
     for status, code, message in ((503, "overloaded", "the sample queue is full; retry later"),
                                   (415, "unsupported_media_type", "expected Content-Type application/json")):
-        page.route("**/v1/sample", answer_with(status, code, message))
+        page.route("**/v1/sample?*", answer_with(status, code, message))  # the page names ?model=
         page.click("#sample-submit")
         page.wait_for_function(f"() => document.getElementById('error').dataset.status === '{status}'")
         assert page.text_content("#error") == f"{status} {code}: {message}"
-        page.unroute("**/v1/sample")
+        page.unroute("**/v1/sample?*")
 
 
 def test_with_api_keys_the_page_asks_for_one_and_sends_it(page, keyed_server, tmp_path):
@@ -316,6 +331,90 @@ def test_with_api_keys_the_page_asks_for_one_and_sends_it(page, keyed_server, tm
     assert page.text_content("#error") == api_error(keyed_server, "/v1/sample", json={"n": 8},
                                                     headers={"Authorization": f"Bearer {KEY}"})
     assert auth_headers[0] is None and auth_headers[-1] == f"Bearer {KEY}"
+
+
+def test_model_selector_runs_every_call_on_the_chosen_bundle_and_shows_its_version(page, two_model_server,
+                                                                                   tmp_path):
+    url = two_model_server
+    listed = httpx.get(f"{url}/v1/models", timeout=30).json()
+    by_name = {m["name"]: m for m in listed["models"]}
+    a, b = by_name[listed["default"]], by_name["b"]
+    assert a["version"] != b["version"]
+    path, blob = photo(tmp_path)
+
+    open_demo(page, url)
+    # The selector lists both, the default chosen; the header names the model in use, version and all.
+    page.wait_for_function("() => document.getElementById('model-info').textContent.startsWith('model ')")
+    assert page.eval_on_selector_all("#model-select option", "os => os.map((o) => o.value)") == [a["ref"], b["ref"]]
+    assert page.input_value("#model-select") == a["ref"] and page.is_enabled("#model-select")
+    assert page.get_attribute("#model-info", "data-version") == a["version"]
+    assert page.text_content("#model-info").startswith(f"model {a['ref']}, ")
+
+    page.set_input_files("#file-input", str(path))
+    wait_for_encoding(page, len(a["levels"]))
+    assert page.get_attribute("#codes-version", "data-version") == a["version"]
+
+    # Choosing b encodes the same image again, on b: the codes shown are b's, tagged with b's version.
+    before_switch = len(page.requested)
+    page.select_option("#model-select", b["ref"])
+    page.wait_for_function(f"() => document.getElementById('codes-version').dataset.version === '{b['version']}' "
+                           "&& !document.getElementById('encode-result').hidden")
+    wait_for_encoding(page, len(b["levels"]))
+    assert page.text_content("#codes-version") == f"version {b['version']}"
+    assert page.get_attribute("#recon-version", "data-version") == b["version"]
+    assert page.text_content("#recon-version") == b["ref"]
+    assert page.get_attribute("#model-info", "data-version") == b["version"]
+    encoded = httpx.post(f"{url}/v1/encode?model=b&bits=true", files=image_files([blob]), timeout=30).json()
+    rec = httpx.post(f"{url}/v1/reconstruct?model=b", files=image_files([blob]), timeout=30).json()
+    item = encoded["items"][0]
+    assert item["version"] == rec["version"] == b["version"]
+    assert float(page.get_attribute("#psnr", "data-value")) == rec["items"][0]["psnr"]
+    assert float(page.get_attribute("#bits-prior", "data-value")) == item["bits"]["prior"]
+    grid = item[b["levels"][-1]]
+    row, col = len(grid) - 1, len(grid[0]) - 1
+    page.mouse.move(*cell_centre(page, b["levels"][-1], row, col))
+    assert page.text_content("#cell-info") == f"{b['levels'][-1]} · row {row}, col {col} · code {grid[row][col]}"
+
+    # Sampling on b: the page names b's version next to the codes, and the download holds b's codes.
+    page.fill("#sample-n", "2")
+    page.fill("#sample-seed", "99")
+    page.click("#sample-submit")
+    page.wait_for_function("() => document.getElementById('sample-status').textContent === 'seed 99'")
+    assert page.get_attribute("#sample-version", "data-version") == b["version"]
+    api = httpx.post(f"{url}/v1/sample?model=b", json={"n": 2, "seed": 99, "return_codes": True}, timeout=60).json()
+    assert [pixels_of(img.get_attribute("src")).shape for img in page.query_selector_all("img.sample")] == \
+        [(b["image_size"], b["image_size"], 3)] * 2
+    with page.expect_download() as info:
+        page.click("#download-codes")
+    saved = json.loads(Path(info.value.path()).read_text())
+    assert saved["version"] == b["version"] and saved["codes"] == api["codes"]
+    assert {c["version"] for c in saved["codes"]} == {b["version"]}
+
+    # Every API call after the switch named b, version and all.
+    calls = [u for u in page.requested[before_switch:] if "/v1/" in u]
+    assert calls and all(httpx.URL(u).params.get("model") == b["ref"] for u in calls), calls
+    assert page.is_hidden("#error")
+
+    # b unloaded under the page: its next call gets the API's 404, and the selector is refreshed.
+    r = httpx.delete(f"{url}/admin/models/{b['ref']}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    page.click("#sample-submit")
+    page.wait_for_function("() => document.getElementById('error').dataset.status === '404'")
+    assert page.text_content("#error") == api_error(url, f"/v1/sample?model={b['ref']}", json={"n": 2})
+    assert page.get_attribute("#error", "data-code") == "model_not_found"
+    page.wait_for_function("() => document.getElementById('model-select').options.length === 1")
+    assert page.input_value("#model-select") == a["ref"] and page.is_disabled("#model-select")
+    page.wait_for_function(f"() => document.getElementById('model-info').dataset.version === '{a['version']}'")
+    only_same_origin(page, url)
+
+
+def test_with_one_bundle_the_selector_shows_it_and_is_disabled(page, server):
+    listed = httpx.get(f"{server}/v1/models", timeout=30).json()
+    (only,) = listed["models"]
+    open_demo(page, server)
+    page.wait_for_function("() => document.getElementById('model-info').textContent.startsWith('model ')")
+    assert page.input_value("#model-select") == only["ref"] and page.is_disabled("#model-select")
+    assert page.text_content("#model-select option") == f"{only['ref']} (default)"
 
 
 def test_screenshot(page, server, tmp_path):

@@ -6,8 +6,12 @@ const $ = (id) => document.getElementById(id);
 const state = {
   key: sessionStorage.getItem("vqtok-key") || "",
   retry: null, // the action that last got a 401, re-run once a key is given
-  levels: [], // from GET /v1/model: [{name, stride, codebook_size}]
+  model: null, // the selected bundle's ref (name@version, from GET /v1/models): every API call names it
+  info: {}, // ref -> GET /v1/model?model=ref (levels: [{name, stride, codebook_size}], ...)
+  file: null, // the image last chosen or dropped, encoded again when the fit or the model changes
+  levels: [], // the levels of the codes shown now
   grids: {}, // level name -> 2-D array of codes of the current image
+  shown: { encode: 0, sample: 0 }, // the latest request of each panel: an older answer is not drawn
   selected: null, // {level, code}: the highlighted code
   codesUrl: null,
 };
@@ -19,6 +23,12 @@ class ApiError extends Error {
     this.status = status;
     this.code = code;
   }
+}
+
+// ``path`` for the selected model (``ref``: a ref captured when the action began).
+function forModel(path, ref = state.model) {
+  if (!ref) return path;
+  return `${path}${path.includes("?") ? "&" : "?"}model=${encodeURIComponent(ref)}`;
 }
 
 async function api(path, init = {}, action = null) {
@@ -68,24 +78,73 @@ function askForKey(action) {
   $("api-key").focus();
 }
 
+// What an action returns when a newer one of its panel has started: the page keeps what it shows.
+const STALE = Symbol("stale");
+
 // Runs one user action: its status line says "working…", then what the action returns.
 async function run(action, status) {
   clearError();
   status.textContent = "working…";
   try {
-    status.textContent = (await action()) || "";
+    const result = await action();
+    if (result !== STALE) status.textContent = result || "";
   } catch (e) {
     status.textContent = "";
     showError(e);
+    // The selected version is gone (unloaded, or replaced by a newer one): list what is loaded now.
+    if (e instanceof ApiError && e.code === "model_not_found" && action !== loadModels) {
+      loadModels().catch(() => {});
+    }
   }
 }
 
 // --- the model ------------------------------------------------------------------------------------
+// The version a plain request gets: the default name's newest ready version (as the server picks it).
+function defaultRef(list) {
+  const named = list.models.filter((m) => m.name === list.default);
+  const ready = named.filter((m) => m.ready);
+  const pick = (ready.length ? ready : named).at(-1);
+  return pick ? pick.ref : null;
+}
+
+// Fills the model selector from GET /v1/models: the selection stays if that version is still loaded,
+// else the default; then shows the selected model's details.
+async function loadModels() {
+  const list = await api("v1/models", {}, loadModels);
+  const select = $("model-select");
+  select.replaceChildren();
+  for (const m of list.models) {
+    const option = document.createElement("option");
+    option.value = m.ref;
+    option.textContent = `${m.ref}${m.name === list.default ? " (default)" : ""}${m.ready ? "" : " (warming up)"}`;
+    Object.assign(option.dataset, { name: m.name, version: m.version });
+    select.append(option);
+  }
+  const refs = list.models.map((m) => m.ref);
+  state.model = refs.includes(state.model) ? state.model : defaultRef(list);
+  select.value = state.model || "";
+  select.disabled = refs.length < 2; // one bundle: nothing to choose, but it still says which
+  await loadModel();
+}
+
+async function modelInfo(ref, action) {
+  if (!state.info[ref]) state.info[ref] = await api(forModel("v1/model", ref), {}, action);
+  return state.info[ref];
+}
+
 async function loadModel() {
-  const info = await api("v1/model", {}, loadModel);
-  state.levels = info.levels;
+  const ref = state.model;
+  const info = await modelInfo(ref, loadModels);
+  if (ref !== state.model) return; // another model was selected meanwhile
   const levels = info.levels.map((l) => `${l.name}: stride ${l.stride}, K = ${l.codebook_size}`).join("; ");
-  $("model-info").textContent = `model ${info.name}, ${info.image_size}×${info.image_size} (${levels}), ${info.device}`;
+  $("model-info").textContent = `model ${info.name}@${info.version}, ${info.image_size}×${info.image_size} `
+    + `(${levels}), ${info.device}`;
+  $("model-info").dataset.version = info.version;
+}
+
+function showVersion(element, version, text = version) {
+  element.textContent = text;
+  element.dataset.version = version;
 }
 
 // --- encode panel ---------------------------------------------------------------------------------
@@ -95,17 +154,27 @@ function fmtBits(bits) {
 
 async function encodeFile(file) {
   const fit = $("fit").value;
+  const ref = state.model;
+  const seq = ++state.shown.encode;
+  state.file = file;
   const form = () => {
     const f = new FormData();
     f.append("images", file, file.name || "image");
     return f;
   };
   const again = () => encodeFile(file);
-  const [enc, rec] = await Promise.all([
-    api(`v1/encode?fit=${fit}&bits=true`, { method: "POST", body: form() }, again),
-    api(`v1/reconstruct?fit=${fit}&include_input=true`, { method: "POST", body: form() }, again),
-  ]);
-  if (!state.levels.length) await loadModel();
+  let enc, rec, info;
+  try {
+    [enc, rec, info] = await Promise.all([
+      api(forModel(`v1/encode?fit=${fit}&bits=true`, ref), { method: "POST", body: form() }, again),
+      api(forModel(`v1/reconstruct?fit=${fit}&include_input=true`, ref), { method: "POST", body: form() }, again),
+      modelInfo(ref, again),
+    ]);
+  } catch (e) {
+    if (seq !== state.shown.encode) return STALE;
+    throw e;
+  }
+  if (seq !== state.shown.encode) return STALE; // a newer encode (another file, fit or model) has started
   const item = enc.items[0];
   const r = rec.items[0];
   $("input-image").src = `data:image/png;base64,${r.input}`;
@@ -115,6 +184,8 @@ async function encodeFile(file) {
   psnr.dataset.value = r.psnr === null ? "inf" : String(r.psnr);
   psnr.textContent = r.psnr === null ? "∞ (identical)" : `${r.psnr.toFixed(2)} dB`;
   $("size").textContent = `${r.width}×${r.height}`;
+  showVersion($("recon-version"), rec.version, `${rec.model}@${rec.version}`);
+  showVersion($("codes-version"), item.version, `version ${item.version}`); // the codes' own tag
   $("bits-uniform").textContent = fmtBits(item.bits.uniform);
   $("bits-prior").textContent = fmtBits(item.bits.prior);
   $("bits-uniform").dataset.value = String(item.bits.uniform);
@@ -128,6 +199,7 @@ async function encodeFile(file) {
     tr.lastChild.textContent = `${fmtBits(b.prior)} of ${fmtBits(b.uniform)}`;
     rows.append(tr);
   }
+  state.levels = info.levels;
   state.grids = {};
   for (const level of state.levels) state.grids[level.name] = item[level.name];
   state.selected = null;
@@ -246,9 +318,17 @@ async function sample() {
     return_codes: true,
   };
   for (const key of ["n", "temperature"]) if (body[key] === null) delete body[key];
-  const answer = await api("v1/sample", {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-  }, sample);
+  const seq = ++state.shown.sample;
+  let answer;
+  try {
+    answer = await api(forModel("v1/sample"), {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    }, sample);
+  } catch (e) {
+    if (seq !== state.shown.sample) return STALE;
+    throw e;
+  }
+  if (seq !== state.shown.sample) return STALE; // the model changed, or a newer sample was asked for
   const box = $("samples");
   box.replaceChildren();
   answer.images.forEach((png, i) => {
@@ -259,24 +339,50 @@ async function sample() {
     box.append(img);
   });
   if (state.codesUrl) URL.revokeObjectURL(state.codesUrl);
-  const blob = new Blob([JSON.stringify({ model: answer.model, seed: answer.seed, temperature: body.temperature ?? 1.0,
-    top_k: body.top_k, codes: answer.codes })], { type: "application/json" });
+  // The codes carry their version each (decode refuses them on another bundle); the file says it once more.
+  const blob = new Blob([JSON.stringify({ model: answer.model, version: answer.version, seed: answer.seed,
+    temperature: body.temperature ?? 1.0, top_k: body.top_k, codes: answer.codes })], { type: "application/json" });
   state.codesUrl = URL.createObjectURL(blob);
   const link = $("download-codes");
   link.href = state.codesUrl;
   link.download = `vqtok-samples-seed-${answer.seed}.json`;
   link.hidden = false;
+  const versions = [...new Set(answer.codes.map((c) => c.version))];
+  showVersion($("sample-version"), versions.join(", "));
+  $("sample-result").hidden = false;
   return `seed ${answer.seed}`;
+}
+
+function clearSamples() {
+  state.shown.sample++; // an answer still on its way belongs to the previous model
+  $("samples").replaceChildren();
+  $("sample-status").textContent = "";
+  $("sample-result").hidden = true;
+  $("download-codes").hidden = true;
 }
 
 // --- wiring ---------------------------------------------------------------------------------------
 function wire() {
   const input = $("file-input");
+  const encodeAgain = () => {
+    if (state.file) run(() => encodeFile(state.file), $("encode-status"));
+  };
   input.addEventListener("change", () => {
     if (input.files.length) run(() => encodeFile(input.files[0]), $("encode-status"));
   });
-  $("fit").addEventListener("change", () => {
-    if (input.files.length) run(() => encodeFile(input.files[0]), $("encode-status"));
+  $("fit").addEventListener("change", encodeAgain);
+  $("model-select").addEventListener("change", () => {
+    state.model = $("model-select").value;
+    clearSamples();
+    if (!state.file) {
+      run(loadModel, $("encode-status"));
+      return;
+    }
+    $("encode-result").hidden = true; // the codes shown were the previous model's
+    run(async () => {
+      await loadModel();
+      return encodeFile(state.file);
+    }, $("encode-status"));
   });
   const zone = $("drop-zone");
   zone.addEventListener("dragover", (ev) => { ev.preventDefault(); zone.classList.add("over"); });
@@ -295,11 +401,11 @@ function wire() {
     state.key = $("api-key").value.trim();
     sessionStorage.setItem("vqtok-key", state.key);
     $("key-form").hidden = true;
-    const retry = state.retry || loadModel;
+    const retry = state.retry || loadModels;
     state.retry = null;
     run(retry, $("encode-status"));
   });
-  run(loadModel, $("encode-status"));
+  run(loadModels, $("encode-status"));
 }
 
 wire();
