@@ -91,7 +91,7 @@ def test_reconstruct_answers_bits_and_the_fitted_input(tiny_bundle, backend):
             rec = (await c.post("/v1/reconstruct?bits=true&include_input=true", files=image_files([blob]))).json()
             enc = (await c.post("/v1/encode?bits=true", files=image_files([blob]))).json()
             plain = (await c.post("/v1/reconstruct", files=image_files([blob]))).json()
-            return app.state.vqtok.limits, rec["items"][0], enc["items"][0], plain["items"][0]
+            return app.state.vqtok.limits_for(app.state.vqtok.default.bundle), rec["items"][0], enc["items"][0], plain["items"][0]
 
     limits, rec, enc, plain = run(main())
     fitted = take(blob, "center_crop", limits)[0]

@@ -106,7 +106,7 @@ def test_a_stuck_batch_and_a_dead_batcher_turn_readyz_503(tiny_bundle, backend, 
             assert (await c.get("/readyz")).status_code == 200
 
             # The decode batcher's task dies of an unexpected error.
-            decoder = app.state.vqtok.engine.decoder
+            decoder = app.state.vqtok.default.engine.decoder
 
             def broken(now):
                 raise RuntimeError("batcher bug")
@@ -156,13 +156,13 @@ def test_a_sample_nobody_waits_for_stops_at_the_next_row(tiny_bundle, monkeypatc
             r = await c.post("/v1/sample", json={"n": 1, "seed": 1})
             assert r.status_code == 504
             stopped_at = picks.calls
-            await eventually(lambda: app.state.vqtok.engine.sampler._running == {})
+            await eventually(lambda: app.state.vqtok.default.engine.sampler._running == {})
             # The loop stopped within a row (8 picks) of the deadline, not after all 80.
             assert picks.calls <= stopped_at + 8 < full, (picks.calls, stopped_at)
             metrics = (await c.get("/metrics")).text
             assert metric_value(metrics, "vqtok_batch_failures_total", op="sample") == 0
         if method == "naive":
-            engine_cfg = app.state.vqtok.engine.sampler.config
+            engine_cfg = app.state.vqtok.default.engine.sampler.config
             assert engine_cfg.max_batch == Settings().naive_sample_max_batch
 
     run(main())

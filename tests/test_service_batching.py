@@ -181,7 +181,7 @@ def test_concurrent_samples_share_one_loop_whatever_the_streams(tiny_bundle, bac
             await asyncio.to_thread(held.entered.wait, 30)
             later = [asyncio.ensure_future(c.post("/v1/sample", json={"n": 2, "seed": s})) for s in (2, 3)]
             # With a second stream free they would start at once; they wait for the running loop instead.
-            await eventually(lambda: app.state.vqtok.engine.sampler.depth == 4)
+            await eventually(lambda: app.state.vqtok.default.engine.sampler.depth == 4)
             held.gate.set()
             assert all(r.status_code == 200 for r in await asyncio.gather(first, *later))
             metrics = (await c.get("/metrics")).text

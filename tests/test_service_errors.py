@@ -221,7 +221,7 @@ def test_full_queue_is_503_and_deadline_is_504(tiny_bundle, backend):
             running = asyncio.ensure_future(c.post("/v1/encode", files=image_files([GOOD])))
             await asyncio.to_thread(flaky.entered.wait, 30)  # one batch is in the backend, blocked
             queued = [asyncio.ensure_future(c.post("/v1/encode", files=image_files([GOOD]))) for _ in range(2)]
-            engine = app.state.vqtok.engine
+            engine = app.state.vqtok.default.engine
             await eventually(lambda: engine.encoder.depth == 2)
             r = await c.post("/v1/encode", files=image_files([GOOD]))
             assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"

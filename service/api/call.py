@@ -69,9 +69,14 @@ class Call:
         st = self.state
         model = st.models.resolve(self.spec, version)
         st.models.require_ready(model, st.settings.retry_after_s)
-        self.request.scope.setdefault(TICKETS, []).append(model.lease())
+        self.held.append(model.lease())
         self.model = model
         return model
+
+    @property
+    def held(self) -> list:
+        """What this request holds until it is answered (pixel tickets, its model's lease)."""
+        return self.request.scope.setdefault(TICKETS, [])
 
     @property
     def settings(self):
@@ -97,7 +102,7 @@ class Call:
             raise PayloadTooLarge(f"{what}: the answer could take {int(answer_bytes)} bytes, over the limit of "
                                   f"{limit} (VQTOK_MAX_RESPONSE_BYTES); send fewer or smaller items",
                                   code="response_too_large")
-        return self.state.budget.admit(self.request.scope.setdefault(TICKETS, []), pixels if hold is None else hold, what)
+        return self.state.budget.admit(self.held, pixels if hold is None else hold, what)
 
     # -- cancellation ---------------------------------------------------------------------------
     async def run(self, work: Awaitable[T]) -> T:

@@ -83,8 +83,9 @@ class ClientGone(ApiError):
 
 # Engine errors -> statuses (the most specific class first: TooLarge is an InvalidRequest).
 ENGINE_STATUS: tuple[tuple[type[engine.EngineError], int], ...] = (
-    (models.ModelNotFound, 404), (models.VersionMismatch, 409), (engine.Overloaded, 503), (engine.NotServing, 503), (engine.DeadlineExceeded, 504), (engine.TooLarge, 413),
-    (engine.InvalidRequest, 422), (engine.Cancelled, 499), (engine.BackendFailed, 500), (engine.EngineError, 500))
+    (models.ModelNotFound, 404), (models.VersionMismatch, 409), (engine.Overloaded, 503), (engine.NotServing, 503),
+    (engine.DeadlineExceeded, 504), (engine.TooLarge, 413), (engine.InvalidRequest, 422), (engine.Cancelled, 499),
+    (engine.BackendFailed, 500), (engine.EngineError, 500))
 
 
 def http_error(exc: Exception) -> ApiError:

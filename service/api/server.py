@@ -32,7 +32,8 @@ def serve(model_dir: str | Path | None = None, host: str | None = None, port: in
                  if v is not None}
     if models:
         name, sep, path = models[0].partition("=")
-        overrides.update({"model_dir": path, "model_name": name} if sep and "/" not in name else {"model_dir": models[0]})
+        named = sep and "/" not in name
+        overrides.update({"model_dir": path, "model_name": name} if named else {"model_dir": models[0]})
         if len(models) > 1:  # otherwise VQTOK_EXTRA_MODELS stands
             overrides["extra_models"] = models[1:]
     try:

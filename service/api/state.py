@@ -13,7 +13,6 @@ from service.bundle.intake import IntakeLimits
 from service.engine.admission import PixelBudget, WorkPool
 from service.engine.metrics import Metrics
 from service.engine.models import LoadedModel, Models
-from service.engine.protocol import InferenceEngine
 
 log = logging.getLogger("vqtok.service")
 
@@ -37,22 +36,10 @@ class ServiceState:
         if not self.ready.is_set():
             raise NotReady("the model is still warming up", headers={"Retry-After": str(self.settings.retry_after_s)})
 
-    # -- the default bundle (the first loaded): /v1/model, and tests --------------------------------
     @property
     def default(self) -> LoadedModel:
+        """The first bundle's newest version: where requests that name no model go (and /v1/model)."""
         return self.models.resolve(None)
-
-    @property
-    def engine(self) -> InferenceEngine:
-        return self.default.engine
-
-    @property
-    def bundle(self) -> Bundle:
-        return self.default.bundle
-
-    @property
-    def limits(self) -> IntakeLimits:
-        return self.limits_for(self.bundle)
 
     def problem(self) -> str | None:
         """Why the service cannot serve right now although it was ready (a stuck or dead batcher)."""

@@ -5,8 +5,8 @@ guarantees:
 
 - ``OUT/shard-000000.npz`` and on: ``paths`` (relative to DIR), ``height``/``width`` (the source
   image, EXIF orientation applied), one uint16 [n, h, w] grid per level, ``bundle_version`` (the id
-  ``/v1/decode`` takes back with the codes) and ``bundle_name`` / ``bundle_sha256``. Numbers are zero-padded to 6 digits and sorted as integers, so shard
-  1,000,000 follows 999,999. With ``parquet=True`` each shard gets a Parquet twin for trainers
+  ``/v1/decode`` takes back with the codes) and ``bundle_name`` / ``bundle_sha256``. Numbers are
+  zero-padded to 6 digits and sorted as integers, so shard 1,000,000 follows 999,999. With ``parquet=True`` each shard gets a Parquet twin for trainers
   (``service.jobs.parquet``), written before the npz: the npz is the commit mark.
 - Shards are written whole: a hidden temporary file, fsync, rename, fsync of the folder.
 - ``OUT/errors.jsonl``: one line per refused file (path, status, code, message).
