@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "none: a local Ray")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default job)")
     p.add_argument("--api-key", default=os.environ.get("VQTOK_API_KEY"), help="default: $VQTOK_API_KEY")
+    p.add_argument("--served-model", default=None, metavar="NAME[@VERSION]",
+                   help="which of the service's bundles (GET /v1/models; default: its first)")
     p.add_argument("--model", type=Path, default=None, help=f"bundle for --local/--ray (default {DEFAULT_BUNDLE})")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="for --local/--ray")
     p.add_argument("--batch", type=int, default=None,

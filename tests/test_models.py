@@ -205,3 +205,6 @@ def test_serve_takes_repeated_models_and_a_folder_of_them(tiny_bundle, bundle_b,
     (folder / "from-folder" / "encoder.onnx").write_bytes(b"broken")
     assert serve(models=[str(tiny_bundle)], models_dir=folder) == 2
     assert "encoder" in capsys.readouterr().err
+    # One bundle named twice: refused at start-up too, not left unready after it.
+    assert serve(models=[str(tiny_bundle), f"again={tiny_bundle}"]) == 2
+    assert "same bundle" in capsys.readouterr().err

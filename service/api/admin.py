@@ -1,7 +1,7 @@
 """Swaps without downtime: ``POST /admin/models`` loads a bundle into the running server (verified,
 warmed up, then listed) and ``DELETE /admin/models/{name@id}`` unloads one version (off the list at
-once, stopped after its running requests finish). Behind their own key, ``VQTOK_ADMIN_KEY``; without
-it the admin API does not exist (404). One-process layout only: in the workers layout each front end
+once, stopped after its running requests finish). Behind their own key, ``VQTOK_ADMIN_KEY``: every
+/admin path answers 401 without it, and API keys never open it. One-process layout only: in the workers layout each front end
 would have to learn of the change, so there a swap is a restart (501 says so)."""
 from __future__ import annotations
 

@@ -29,9 +29,9 @@ from service.api.schemas import decode_example
 from service.api.state import ServiceState
 from service.bundle import Bundle
 from service.engine.admission import PixelBudget, WorkPool
-from service.engine.loader import EngineFactory, Loader
+from service.engine.loader import EngineFactory, Loader, named_bundles
 from service.engine.metrics import Metrics
-from service.engine.models import LoadedModel, bundle_dirs
+from service.engine.models import LoadedModel
 from service.runtime.backend import Backend, OrtBackend
 from service.runtime.session import CUDA, RuntimeConfig
 
@@ -67,10 +67,8 @@ def model_info(settings: Settings, model: LoadedModel) -> dict[str, Any]:
 
 
 def startup_bundles(settings: Settings, first: Bundle) -> list[tuple[str | None, Bundle]]:
-    """The bundles named at start-up, verified now (a broken one never gets as far as a socket):
-    VQTOK_MODEL_DIR (``first``), then VQTOK_EXTRA_MODELS, then VQTOK_MODELS_DIR's subfolders."""
-    extra = bundle_dirs(settings.extra_models, settings.models_dir)
-    return [(settings.model_name or None, first), *((name, Bundle.load(d)) for name, d in extra)]
+    """VQTOK_MODEL_DIR (``first``), VQTOK_EXTRA_MODELS, then VQTOK_MODELS_DIR's subfolders, verified now."""
+    return named_bundles(first, settings.model_name, settings.extra_models, settings.models_dir)
 
 
 async def _watchdog(state: ServiceState) -> None:

@@ -5,19 +5,34 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-from service.bundle import Bundle
+from service.bundle import Bundle, BundleError
 from service.engine.config import EngineConfig
 from service.engine.engine import Engine
 from service.engine.metrics import Metrics
-from service.engine.models import LoadedModel, Models
+from service.engine.models import LoadedModel, Models, bundle_dirs
 from service.engine.protocol import InferenceEngine
 from service.runtime.backend import Backend
 
 log = logging.getLogger("vqtok.service")
 
 EngineFactory = Callable[[Backend, Metrics, str], InferenceEngine]  # (backend, metrics, "name@id")
+
+
+def named_bundles(first: Bundle, first_name: str, extra: list[str], folder: Path | None
+                  ) -> list[tuple[str | None, Bundle]]:
+    """The bundles a server starts with, each verified now (a broken one never gets as far as a socket):
+    ``first``, then ``[NAME=]DIR`` each of ``extra``, then one per subfolder of ``folder``. One bundle
+    named twice is refused here too, rather than at its load after start-up."""
+    bundles = [(first_name or None, first), *((n, Bundle.load(d)) for n, d in bundle_dirs(extra, folder))]
+    seen: dict[str, Path] = {}
+    for _, b in bundles:
+        if b.sha256 in seen:
+            raise BundleError(f"bundles {seen[b.sha256]} and {b.root} are the same bundle (one manifest sha256)")
+        seen[b.sha256] = b.root
+    return bundles
 
 
 class Loader:

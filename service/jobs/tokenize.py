@@ -67,5 +67,5 @@ def _run_in_process(args) -> JobReport:
 async def _run_http(args) -> JobReport:
     cfg = JobConfig(root=args.dir, out=args.out, batch=args.batch or JobConfig.batch, concurrency=args.concurrency,
                     shard_size=args.shard_size, parquet=args.parquet)
-    async with AsyncClient(args.url, api_key=args.api_key) as client:
+    async with AsyncClient(args.url, api_key=args.api_key, model=getattr(args, "served_model", None)) as client:
         return await run_job(client, cfg, progress=True)
