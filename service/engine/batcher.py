@@ -37,6 +37,7 @@ from service.engine.metrics import Metrics, OpMetrics
 log = logging.getLogger("vqtok.service")
 
 BatchFn = Callable[[list[Any]], Sequence[Any]]  # items -> one result per item, in order
+STOP_JOIN_S = 1.0  # how long stop() waits for its worker threads to end (a stuck batch's never does)
 
 
 @dataclass(frozen=True)
@@ -114,7 +115,14 @@ class Batcher:
         self._queues.clear()
         self._counts.clear()
         self._set_depth(0)
+        threads = list(getattr(self._executor, "_threads", ()))
         self._executor.shutdown(wait=False, cancel_futures=True)
+        # A worker thread holds its last call (the batch function: the engine, its backend's sessions) until
+        # it has handed the result over and come round its loop, which on a busy machine can be after the
+        # request was answered and the unload went on. Wait briefly for the threads to end, so that an unload
+        # frees the sessions before it hands memory back (``release_memory``); never for a stuck batch.
+        if threads:
+            await asyncio.to_thread(_join, threads, STOP_JOIN_S)
 
     @property
     def depth(self) -> int:
@@ -297,6 +305,12 @@ class Batcher:
             offset += len(job.items)
             if not job.future.done():
                 job.future.set_result(part)
+
+
+def _join(threads: list, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _fail(jobs: list[_Job], error: Exception) -> None:
