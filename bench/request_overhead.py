@@ -253,17 +253,20 @@ def main(argv: list[str] | None = None) -> int:
             del sys.modules[name]
     size = serve_load.Bundle.load(args.model).image_size
     blob = serve_load.png(serve_load.smooth_images(1, size)[0])
-    import uvloop
+    try:  # the loop the measured server runs: uvloop where installed (the [gpu] extra), else asyncio's
+        from uvloop import run as run_loop
+    except ImportError:
+        from asyncio import run as run_loop
 
     from service.api.app import load_backend
     from service.bundle import Bundle
 
     bundle = Bundle.load(args.model)
     request = serve_load.encode_request(blob, 8000)
-    ms = uvloop.run(in_process(args.model, request, args.requests, 32, InstantBackend(bundle)))
+    ms = run_loop(in_process(args.model, request, args.requests, 32, InstantBackend(bundle)))
     print(f"in-process request path: {ms:.3f} CPU ms per request", flush=True)
     backend = load_backend(bundle, settings_for(args.model))
-    with_model = uvloop.run(in_process(args.model, request, args.requests // 2, 32, backend))
+    with_model = run_loop(in_process(args.model, request, args.requests // 2, 32, backend))
     print(f"in-process with the model: {with_model:.3f} CPU ms per request", flush=True)
     settings = settings_for(args.model)  # checkouts from before streams ran one batch at a time
     streams = settings.streams_for(backend.provider) if hasattr(settings, "streams_for") else 1
