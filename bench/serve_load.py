@@ -512,7 +512,7 @@ def compare_versions(args: argparse.Namespace, blobs: list[bytes]) -> dict:
                                check=True)
         results: dict[str, dict[int, list[dict]]] = {rev: {c: [] for c in args.concurrency} for rev in args.versions}
         commits = {rev: subprocess.run(["git", "-C", str(roots[rev]), "rev-parse", "--short", "HEAD"],
-                                       capture_output=True, text=True).stdout.strip() for rev in args.versions}
+                                       capture_output=True, text=True, check=True).stdout.strip() for rev in args.versions}
         for rev in args.versions:  # one at a time: their warm-ups would disturb each other
             extra = dict(kv.split("=", 1) for kv in args.extra_env) if rev == "work" else {}
             servers[rev] = start_server(args.model, {**env, **extra}, root=roots[rev],

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from conftest import export_tiny_bundle, TINY_SIZE, random_images
+from conftest import TINY_SIZE, export_tiny_bundle, random_images
 from PIL import Image
 from service_support import image_files, metric_value, png_bytes, read_log, serve_process
 

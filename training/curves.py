@@ -24,10 +24,10 @@ def collect(runs: Path) -> dict[str, list[dict]]:
     offset = {k: 0 for k in out}
     rounds = [p for p in runs.glob("round*") if p.is_dir() and p.name[5:].isdigit()]
     for round_dir in sorted(rounds, key=lambda p: int(p.name[5:])):
-        for stage in out:
+        for stage, rows in out.items():
             records = heldout(round_dir / stage / "metrics.jsonl")
             for r in records:
-                out[stage].append({"round": round_dir.name, "step": offset[stage] + r["step"],
+                rows.append({"round": round_dir.name, "step": offset[stage] + r["step"],
                                    **{k: r[k] for k in ("psnr", "bits_per_code", "top_codes_used_pct",
                                                         "bottom_codes_used_pct") if k in r}})
             if records:
