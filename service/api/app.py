@@ -66,9 +66,12 @@ def model_info(settings: Settings, model: LoadedModel) -> dict[str, Any]:
                        "max_native_pixels": s.max_native_pixels, "size_multiple": model.bundle.size_multiple}}
 
 
-def startup_bundles(settings: Settings, first: Bundle) -> list[tuple[str | None, Bundle]]:
+Bundles = list[tuple[str | None, Bundle]]  # (the name to serve it under, or None for its manifest's; bundle)
+
+
+def startup_bundles(settings: Settings, first: Bundle, verify: bool = True) -> Bundles:
     """VQTOK_MODEL_DIR (``first``), VQTOK_EXTRA_MODELS, then VQTOK_MODELS_DIR's subfolders, verified now."""
-    return named_bundles(first, settings.model_name, settings.extra_models, settings.models_dir)
+    return named_bundles(first, settings.model_name, settings.extra_models, settings.models_dir, verify)
 
 
 async def _watchdog(state: ServiceState) -> None:
@@ -81,17 +84,19 @@ async def _watchdog(state: ServiceState) -> None:
 
 def create_app(settings: Settings | None = None, *, bundle: Bundle | None = None,
                backend: Backend | None = None, engine_factory: EngineFactory | None = None,
-               backend_factory: Callable[[Bundle], Backend] | None = None) -> FastAPI:
+               backend_factory: Callable[[Bundle], Backend] | None = None, bundles: Bundles | None = None
+               ) -> FastAPI:
     """The app for ``settings`` (default: from the environment).
 
-    ``bundle`` and ``backend`` may be passed in (``serve`` loads them first to fail fast; tests wrap
-    the backend); otherwise the bundle is loaded and verified here and the backend in the lifespan.
+    ``bundles`` (``startup_bundles``, verified), or just the first ``bundle``, and ``backend`` may be passed
+    in (``serve`` loads them first to fail fast; tests wrap the backend); otherwise the bundles are loaded
+    and verified here and the backends in the lifespan.
     ``engine_factory`` and ``backend_factory`` replace the in-process ``Engine`` and ``OrtBackend`` (the
     workers layout's front ends pass ones that forward to the engine process). Every bundle of
-    VQTOK_EXTRA_MODELS and VQTOK_MODELS_DIR is verified here too and loaded after the first.
+    VQTOK_EXTRA_MODELS and VQTOK_MODELS_DIR is loaded after the first.
     """
     settings = settings or Settings()
-    bundles = startup_bundles(settings, bundle or Bundle.load(settings.model_dir))
+    bundles = bundles or startup_bundles(settings, bundle or Bundle.load(settings.model_dir))
     metrics = Metrics()
     pool = WorkPool(settings.decode_workers)
     budget = PixelBudget(settings.max_pixels_in_flight, settings.retry_after_s, metrics.pixels_in_flight)

@@ -66,9 +66,7 @@ class Call:
             self.pick(None)
 
     def pick(self, version: str | None) -> LoadedModel:
-        st = self.state
-        model = st.models.resolve(self.spec, version)
-        st.models.require_ready(model, st.settings.retry_after_s)
+        model = self.state.models.resolve(self.spec, version)
         self.held.append(model.lease())
         self.model = model
         return model

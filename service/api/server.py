@@ -45,14 +45,14 @@ def serve(model_dir: str | Path | None = None, host: str | None = None, port: in
     _configure_logging(settings.log_level)
     bound_malloc(settings.malloc_arena_max, settings.malloc_mmap_threshold)
     try:
-        bundle = Bundle.load(settings.model_dir)
-        startup_bundles(settings, bundle)  # every other bundle verified now too: refuse to start on a bad one
+        # Every bundle verified once, here: a bad one refuses the start.
+        bundles = startup_bundles(settings, Bundle.load(settings.model_dir))
         workers = settings.workers_for(CUDA if wants_cuda(RuntimeConfig(device=settings.device)) else CPU)
         if workers > 1:  # the engine process loads the backend (and reports a broken bundle or device)
             from service.api.workers import serve_workers
 
-            return serve_workers(settings, workers, uvicorn_options(settings))
-        backend = load_backend(bundle, settings)
+            return serve_workers(settings, workers, uvicorn_options(settings), bundles)
+        backend = load_backend(bundles[0][1], settings)
     except (BundleError, DeviceUnavailable, OSError) as e:
         hint = ""
         if Path(settings.model_dir) == DEFAULT_BUNDLE and not DEFAULT_BUNDLE.exists():
@@ -62,7 +62,7 @@ def serve(model_dir: str | Path | None = None, host: str | None = None, port: in
         print(f"vqtok serve: refusing to start: {e}{hint}", file=sys.stderr)
         return 2
     log.info("ONNX Runtime provider: %s", backend.provider)
-    app = create_app(settings, bundle=bundle, backend=backend)
+    app = create_app(settings, bundles=bundles, backend=backend)
     # The first version's sessions belong to the loader now: this frame lives as long as the server, and
     # holding them here kept ~160 MB of ONNX Runtime memory after that version was unloaded.
     del backend

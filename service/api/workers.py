@@ -43,28 +43,30 @@ ENGINE_INFO = "VQTOK_ENGINE_INFO"
 # -- processes ------------------------------------------------------------------------------------
 def worker_app() -> FastAPI:
     """The app of one front-end worker (uvicorn's factory; the parent set the environment)."""
-    from service.api.app import create_app
+    from service.api.app import create_app, startup_bundles
 
     settings = Settings()
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     path = os.environ[ENGINE_SOCKET]
-    bundle = Bundle.load(settings.model_dir, verify=False)  # the parent verified every file
+    # The parent verified every file.
+    bundles = startup_bundles(settings, Bundle.load(settings.model_dir, verify=False), verify=False)
     info = json.loads(os.environ[ENGINE_INFO])  # by bundle: the engine process holds every one
-    return create_app(settings, bundle=bundle,
+    return create_app(settings, bundles=bundles,
                       backend_factory=lambda b: RemoteBackend(b, info[b.sha256]),
                       engine_factory=lambda b, m, ref: RemoteEngine(b, settings.engine_config(), m, path,
                                                                     settings.request_timeout_s))
 
 
-def serve_workers(settings: Settings, workers: int, uvicorn_options: dict[str, Any]) -> int:
-    """Run the engine process and ``workers`` front ends; the exit status of ``vqtok serve``."""
+def serve_workers(settings: Settings, workers: int, uvicorn_options: dict[str, Any],
+                  bundles: list[tuple[str | None, Bundle]]) -> int:
+    """Run the engine process and ``workers`` front ends for ``bundles``; ``vqtok serve``'s exit status."""
     import uvicorn
 
-    from service.api.app import runtime_config, startup_bundles
+    from service.api.app import runtime_config
 
     tmp = Path(tempfile.mkdtemp(prefix="vqtok-engine-"))
     path = str(tmp / "engine.sock")
-    dirs = [str(b.root) for _, b in startup_bundles(settings, Bundle.load(settings.model_dir))]
+    dirs = [str(b.root) for _, b in bundles]
     engine = EngineProcess(EngineSetup(dirs, runtime_config(settings), settings.engine_config(), settings.log_level),
                            path)
     try:

@@ -21,12 +21,14 @@ log = logging.getLogger("vqtok.service")
 EngineFactory = Callable[[Backend, Metrics, str], InferenceEngine]  # (backend, metrics, "name@id")
 
 
-def named_bundles(first: Bundle, first_name: str, extra: list[str], folder: Path | None
+def named_bundles(first: Bundle, first_name: str, extra: list[str], folder: Path | None, verify: bool = True
                   ) -> list[tuple[str | None, Bundle]]:
-    """The bundles a server starts with, each verified now (a broken one never gets as far as a socket):
-    ``first``, then ``[NAME=]DIR`` each of ``extra``, then one per subfolder of ``folder``. One bundle
-    named twice is refused here too, rather than at its load after start-up."""
-    bundles = [(first_name or None, first), *((n, Bundle.load(d)) for n, d in bundle_dirs(extra, folder))]
+    """The bundles a server starts with, each verified now unless ``verify`` is off (a process whose
+    parent verified them): a broken one never gets as far as a socket. ``first``, then ``[NAME=]DIR``
+    each of ``extra``, then one per subfolder of ``folder``. One bundle named twice is refused here too,
+    rather than at its load after start-up."""
+    bundles = [(first_name or None, first),
+               *((n, Bundle.load(d, verify=verify)) for n, d in bundle_dirs(extra, folder))]
     seen: dict[str, Path] = {}
     for _, b in bundles:
         if b.sha256 in seen:

@@ -30,6 +30,7 @@ class Metrics:
         self.batch_failures = Counter("vqtok_batch_failures", "batches whose inference raised", ["op", "model"],
                                       registry=r)
         self._warmups: SizeWarmups | None = None
+        self._series: set[tuple[str, str]] = set()  # (op, model) label pairs of the batch metrics
         self.mirrored = False  # a workers-layout front end shows the engine process's batch metrics instead
         self.pixels_in_flight = Gauge("vqtok_pixels_in_flight", "pixels admitted requests hold (decoding, "
                                       "queued, running, answering)", registry=r)
@@ -50,18 +51,18 @@ class Metrics:
     def for_op(self, op: str, model: str) -> OpMetrics:
         """One operation's metrics for one loaded version (``model`` is its ``name@id``)."""
         labels = (op, model)
+        self._series.add(labels)
         return OpMetrics(self.queue_time.labels(*labels), self.inference_time.labels(*labels),
                          self.batch_size.labels(*labels), self.queue_depth.labels(*labels),
                          self.batch_failures.labels(*labels))
 
     def forget(self, model: str) -> None:
-        """Drop an unloaded version's series."""
-        for metric in (self.queue_time, self.inference_time, self.batch_size, self.queue_depth, self.batch_failures):
-            for op in ("encode", "decode", "sample", "bits"):
-                try:
-                    metric.remove(op, model)
-                except KeyError:
-                    pass
+        """Drop an unloaded version's series (those ``for_op`` made for it)."""
+        for labels in [lb for lb in self._series if lb[1] == model]:
+            for metric in (self.queue_time, self.inference_time, self.batch_size, self.queue_depth,
+                           self.batch_failures):
+                metric.remove(*labels)
+            self._series.discard(labels)
 
 
 @dataclass(frozen=True)

@@ -25,13 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from service.bundle import ID_CHARS, Bundle
-from service.engine.errors import EngineError, InvalidRequest, NotServing
+from service.engine.errors import EngineError, InvalidRequest
 from service.engine.protocol import InferenceEngine
 from service.runtime.backend import Backend
+from service.runtime.parity import recorded_problem
 from service.runtime.session import CUDA
 
 log = logging.getLogger("vqtok.service")
-
 
 
 class ModelNotFound(EngineError):
@@ -145,8 +145,7 @@ class Models:
             candidates = [m for m in self._loaded if m.name == name]
             if not candidates:
                 raise ModelNotFound(f"no loaded model {name!r}; loaded: {', '.join(self.versions()) or 'none'}")
-            ready = [m for m in candidates if m.ready.is_set()]
-            found = (ready or candidates)[-1]  # the newest ready version of the name
+            found = candidates[-1]  # the newest version of the name (only warm versions are listed)
         if version is not None and not found.version.startswith(version) and not version.startswith(found.version):
             raise VersionMismatch(f"these codes were made by version {version}, not by {found.ref} which this "
                                   f"request names; loaded: {', '.join(self.versions())}")
@@ -156,9 +155,6 @@ class Models:
         # A tag may be longer than today's id (ids grow when prefixes collide), never shorter than ID_CHARS.
         return next((m for m in self._loaded if version.startswith(m.version) or
                      (len(version) >= ID_CHARS and m.version.startswith(version))), None)
-
-    def add(self, model: LoadedModel) -> None:
-        self._loaded.append(model)
 
     async def load(self, name: str | None, bundle: Bundle, open_backend: Callable[[Bundle], Backend],
                    make_engine: Callable[[Backend, str], InferenceEngine], describe: Callable[[LoadedModel], dict]
@@ -170,7 +166,7 @@ class Models:
         name = name or bundle.name
         if sha in self._loading or any(m.bundle.sha256 == sha for m in self._loaded):
             raise BadBundle(f"this bundle ({sha[:ID_CHARS]}) is loaded already")
-        problem = recorded_parity_problem(bundle)
+        problem = recorded_problem(bundle.manifest.get("parity"))
         if problem:
             raise BadBundle(f"bundle {bundle.root.name}: {problem}")
         self._loading.add(sha)
@@ -215,32 +211,6 @@ class Models:
         log.info("unloaded %s", model.ref)
         return model
 
-    def require_ready(self, model: LoadedModel, retry_after_s: int) -> None:
-        if not model.ready.is_set():
-            raise NotServing(f"{model.ref} is still warming up", retry_after_s=retry_after_s)
-
-
-def recorded_parity_problem(bundle: Bundle) -> str | None:
-    """Why the export's recorded parity check does not vouch for this bundle, or None.
-
-    The references are PyTorch's, computed at export, so a server cannot rerun the check; it refuses a
-    bundle whose manifest records none, or records one outside the export tolerances."""
-    from service.runtime.parity import Tolerances
-
-    parity = bundle.manifest.get("parity")
-    if not isinstance(parity, dict) or not parity:
-        return "its manifest records no parity check (export it with vqtok export)"
-    tol = Tolerances()
-    for key, value in parity.items():
-        if not isinstance(value, (int, float)):
-            continue
-        if key.startswith("code_agreement") and value < tol.code_agreement:
-            return f"parity {key} = {value} is below {tol.code_agreement}"
-        if key == "decoder_max_pixel_diff" and value > tol.pixel:
-            return f"parity {key} = {value} is over {tol.pixel}"
-        if key.endswith("logit_diff") and value > tol.logits:
-            return f"parity {key} = {value} is over {tol.logits}"
-    return None
 
 
 def bundle_dirs(models: list[str], folder: str | Path | None) -> list[tuple[str | None, Path]]:

@@ -29,6 +29,17 @@ class Tolerances:
     logits: float = 1e-4  # max |difference| of prior logits
     step_images: int = 2  # teacher forcing runs one ORT call per position: a couple of grids suffice
 
+    def violation(self, key: str, value: float) -> str | None:
+        """Why a parity report's ``key`` = ``value`` is outside these tolerances, or None: the one rule
+        for the export's check and for a server judging a bundle's recorded report."""
+        if key.startswith("code_agreement") and value < self.code_agreement:
+            return f"{key} = {value} is below {self.code_agreement}"
+        if key == "decoder_max_pixel_diff" and value > self.pixel:
+            return f"{key} = {value} is over {self.pixel}"
+        if key.endswith("logit_diff") and value > self.logits:
+            return f"{key} = {value} is over {self.logits}"
+        return None
+
 
 @dataclass
 class Reference:
@@ -53,13 +64,13 @@ def check(files: dict[str, Path], sampling: dict[str, Any], reference: dict[str,
     for name, expected in ref.codes.items():
         agreement = float((expected == got_codes[name]).mean())
         report[f"code_agreement_{name}"] = agreement
-        if agreement < tol.code_agreement:
+        if tol.violation(f"code_agreement_{name}", agreement):
             raise ParityError(f"encoder: {name} codes agree at {agreement:.4%} of positions, "
                               f"need >= {tol.code_agreement:.1%}")
     decoder = open_session(files[DECODER])
     pixels = decoder.run(None, {i.name: ref.codes[i.name] for i in decoder.get_inputs()})[0]
     report["decoder_max_pixel_diff"] = int(np.abs(pixels.astype(np.int16) - ref.pixels.astype(np.int16)).max())
-    if report["decoder_max_pixel_diff"] > tol.pixel:
+    if tol.violation("decoder_max_pixel_diff", report["decoder_max_pixel_diff"]):
         raise ParityError(f"decoder: pixels differ by {report['decoder_max_pixel_diff']}/255 for identical codes")
     for level, expected in ref.prior_logits.items():
         graph = prior_graph(level)
@@ -79,5 +90,17 @@ def check(files: dict[str, Path], sampling: dict[str, Any], reference: dict[str,
 
 def _within(report: dict[str, Any], key: str, diff: float, tol: Tolerances, what: str) -> None:
     report[key] = float(diff)
-    if diff > tol.logits:
+    if tol.violation(key, diff):
         raise ParityError(f"{what}: logits differ from PyTorch by {diff:.2e} (tolerance {tol.logits:.0e})")
+
+
+def recorded_problem(parity: Any, tol: Tolerances = Tolerances()) -> str | None:
+    """Why a bundle's recorded parity report (its manifest's ``parity``) does not vouch for it, or None.
+
+    The references are PyTorch's, computed at export, so a server cannot rerun the check; it refuses a
+    bundle whose manifest records none, or one outside the tolerances."""
+    if not isinstance(parity, dict) or not parity:
+        return "its manifest records no parity check (export it with vqtok export)"
+    problems = (tol.violation(k, v) for k, v in parity.items() if isinstance(v, (int, float)))
+    problem = next((p for p in problems if p), None)
+    return f"parity {problem}" if problem else None
